@@ -1,0 +1,39 @@
+"""Callbacks for what a user watches during a self-reward run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchvision.utils import make_grid, save_image
+
+from dualfw.data.datamodule import run_folder
+
+
+class PairImageGrid(L.Callback):
+    """Every `every_n_steps`, a grid of chosen (top row) vs rejected (bottom row) images for the
+    first `max_prompts` pairs of the batch: saved as `<run folder>/images/pairs_step{N}.png` and sent
+    to the logger (TensorBoard `add_image`, or any logger with `log_image`)."""
+
+    def __init__(self, every_n_steps: int = 10, max_prompts: int = 4) -> None:
+        self.every_n_steps, self.max_prompts = every_n_steps, max_prompts
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or not trainer.is_global_zero:
+            return
+        n = min(self.max_prompts, len(batch["prompts"]))
+        tokens = torch.cat([batch["chosen"][:n], batch["rejected"][:n]])
+        grid = make_grid(pl_module.model.decode_images(tokens).float().cpu(), nrow=n, padding=2, pad_value=1.0)
+        path = Path(run_folder(trainer)) / "images" / f"pairs_step{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        caption = " | ".join(batch["prompts"][:n])
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("pairs/chosen_top_rejected_bottom", grid, step)
+                experiment.add_text("pairs/prompts", caption, step)
+            elif hasattr(logger, "log_image"):
+                logger.log_image(key="pairs", images=[grid], step=step, caption=[caption])

@@ -1,0 +1,49 @@
+"""Prompt files: JSON lines with a `prompt` field (GenEval metadata files included; the other
+fields are kept as metadata) or plain text, one prompt a line. Errors name the file and line."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+PACKAGE_PREFIX = "dualfw:"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """`dualfw:assets/x.txt` names a file shipped inside the package; anything else is a local path."""
+    text = str(path)
+    if text.startswith(PACKAGE_PREFIX):
+        return Path(str(resources.files("dualfw").joinpath(text[len(PACKAGE_PREFIX) :])))
+    return Path(text).expanduser()
+
+
+def read_prompts(path: str | Path, key: str = "data.prompts") -> list[dict]:
+    """Read prompt records ({"prompt": str, ...metadata}) from `path`.
+
+    JSON lines when the file ends in .jsonl / .json or its first non-blank line starts with "{";
+    plain text otherwise. `key` is the config key named in errors.
+    """
+    file = resolve_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file '{file}' does not exist (set {key})")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    as_json = file.suffix in {".jsonl", ".json"} or first.startswith("{")
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not as_json:
+            records.append({"prompt": line.strip()})
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}:{lineno}: malformed JSON line ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise ValueError(f"{file}:{lineno}: expected an object with a non-empty string 'prompt' field")
+        records.append(record)
+    if not records:
+        raise ValueError(f"prompt file '{file}' holds no prompts (set {key})")
+    return records

@@ -1,0 +1,45 @@
+"""Every sampled rollout is written to the run folder as it is made, so nothing sampled is lost.
+
+Format: `rollouts.jsonl`, JSON lines, one line per input (prompt) per sampling round:
+
+    {"direction": "t2i", "step": 12, "epoch": 0, "seed": 123, "prompt": "a red circle",
+     "meta": {...prompt file fields...}, "image_tokens": [[...N ints...] x K],
+     "rewards": [K floats], "chosen": 3, "rejected": 5}
+
+`chosen` / `rejected` index the K samples; both are null when the input was skipped (reward
+spread below the pairing margin). `read_rollouts` reads the file back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+
+class RolloutWriter:
+    """Appends rollout records to a JSON-lines file, flushing each line (a crash loses nothing)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_rollouts(path: str | Path) -> Iterator[dict]:
+    """Yield the records of a rollouts file; a malformed line raises naming file and line."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: malformed rollout line ({err.msg})") from None

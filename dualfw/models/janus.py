@@ -1,0 +1,255 @@
+"""Janus / Janus-Pro through transformers' JanusForConditionalGeneration.
+
+Generation uses our own KV-cache loop instead of `generate(generation_mode="image")`: the prompt
+prefix is run once per prompt and its cache shared by the K samples, guidance scale 1 means no
+CFG (transformers crashes on it), and the row layout (all conditional rows, then all
+unconditional rows, each prompt's K samples together) and CFG rule are the same as transformers',
+so greedy decoding gives the same tokens (tests/test_janus_parity.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dualfw.models.base import ImageSampling, LMMAdapter
+from dualfw.models.tiny import TinyJanusSpec, build_tiny_janus
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_janus_folder(path: str | Path) -> Path:
+    """Fail early, naming the folder, when it does not hold a transformers Janus checkpoint."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder '{folder}' does not exist (set the adapter's `path` to a local checkpoint)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model folder '{folder}' has no config.json")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'{config_file}' is not valid JSON: {err}") from None
+    if model_type == "multi_modality":
+        raise ValueError(
+            f"'{config_file}' is DeepSeek's original Janus format (model_type 'multi_modality'); use the "
+            "transformers conversion (e.g. deepseek-community/Janus-Pro-7B) or convert_janus_weights_to_hf.py"
+        )
+    if model_type != "janus":
+        raise ValueError(
+            f"'{config_file}' has model_type {model_type!r}, not a unified LMM: JanusAdapter needs model_type 'janus'"
+        )
+    return folder
+
+
+class JanusAdapter(LMMAdapter):
+    """Janus-Pro (or any transformers `JanusForConditionalGeneration`) as a dualfw model.
+
+    Args:
+        path: local folder with a transformers Janus checkpoint (config.json, safetensors weights,
+            tokenizer and processor files). None builds a random tiny Janus from `tiny`.
+        tiny: sizes of the tiny Janus built when `path` is None.
+        dtype: weight dtype: float32, bfloat16 or float16. Log-probs are always float32.
+        include_eos: score the end-of-sequence token after a text as part of log p(text | image).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        tiny: TinyJanusSpec | None = None,
+        dtype: str = "float32",
+        include_eos: bool = False,
+    ) -> None:
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if path is None:
+            model, processor = build_tiny_janus(tiny)
+            model = model.to(_DTYPES[dtype])
+        else:
+            from transformers import JanusForConditionalGeneration, JanusProcessor
+
+            folder = check_janus_folder(path)
+            model = JanusForConditionalGeneration.from_pretrained(
+                folder, dtype=_DTYPES[dtype], local_files_only=True
+            )
+            processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
+        self.model = model
+        self.processor = processor
+        self.include_eos = include_eos
+        tok = processor.tokenizer
+        self.bos_id, self.pad_id, self.eos_id = tok.bos_token_id, tok.pad_token_id, tok.eos_token_id
+        self.boi_id = tok.convert_tokens_to_ids(tok.boi_token)
+        cfg = model.config
+        self.num_image_tokens = cfg.vision_config.num_image_tokens
+        self.image_size = cfg.vq_config.num_patches * 2 ** (len(cfg.vq_config.channel_multiplier) - 1)
+        if processor.num_image_tokens != self.num_image_tokens:
+            # JanusProcessor defaults to 576 placeholders; a mismatch breaks every understanding prompt.
+            processor.num_image_tokens = self.num_image_tokens
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def generation_inputs(self, prompts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Left-padded ids and attention mask of the generation prompts (chat template + <begin_of_image>)."""
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "text", "text": p}]}], add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        enc = self.processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def understanding_prefix_ids(self, instruction: str) -> list[int]:
+        """Token ids of the user turn holding the image and `instruction`, up to "<|Assistant|>:"."""
+        from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+        text = self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}],
+            add_generation_prompt=True,
+        )
+        if self.processor.use_default_system_prompt:
+            text = DEFAULT_SYSTEM_PROMPT + text
+        tok = self.processor.tokenizer
+        text = text.replace(tok.image_token, self.processor.replace_image_token({}, 0))
+        return tok(text).input_ids
+
+    # ---- generation direction --------------------------------------------------------------------
+    def _embed_image_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
+        return self.model.prepare_embeddings_for_image_generation(tokens)
+
+    @torch.no_grad()
+    def sample_images(
+        self,
+        prompts: list[str],
+        k: int,
+        sampling: ImageSampling = ImageSampling(),
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> torch.LongTensor:
+        from transformers import DynamicCache
+        from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        ids, mask = self.generation_inputs(prompts)
+        n_prompts, n_tokens = len(prompts), self.num_image_tokens
+        cfg = sampling.guidance_scale != 1.0
+        if cfg:  # unconditional rows keep BOS and <begin_of_image>; the prompt in between becomes pad
+            uncond = ids.masked_fill((ids != self.bos_id) & (ids != self.boi_id), self.pad_id)
+            ids, mask = torch.cat([ids, uncond]), torch.cat([mask, mask])
+        lm = self.model.model.language_model
+        head = self.model.model.generation_head
+        cache = DynamicCache(config=self.model.config.text_config)
+        out = lm(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask, cache=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        # share the prefix: every row (and its cache) is repeated k times, prompt-major
+        cache.batch_repeat_interleave(k)
+        hidden, mask = hidden.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+
+        warpers = LogitsProcessorList()
+        greedy = sampling.temperature == 0
+        if not greedy and sampling.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if not greedy and sampling.top_k > 0:
+            warpers.append(TopKLogitsWarper(sampling.top_k))
+        if not greedy and sampling.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(sampling.top_p))
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=ids.device).manual_seed(seed)
+
+        tokens = torch.empty(n_prompts * k, n_tokens, dtype=torch.long, device=ids.device)
+        for i in tqdm(range(n_tokens), desc=f"sampling {n_prompts}x{k} images", leave=False, disable=not progress, delay=2.0):
+            logits = head(hidden).float()
+            if cfg:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + sampling.guidance_scale * (cond - uncond)
+            if greedy:
+                next_token = logits.argmax(-1)
+            else:
+                probs = F.softmax(warpers(None, logits), dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            tokens[:, i] = next_token
+            if i == n_tokens - 1:
+                break
+            step = next_token.repeat(2) if cfg else next_token
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = lm(
+                inputs_embeds=self._embed_image_tokens(step[:, None]),
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
+            )
+            hidden = out.last_hidden_state[:, -1]
+        return tokens.view(n_prompts, k, n_tokens)
+
+    def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor) -> torch.Tensor:
+        ids, mask = self.generation_inputs(prompts)
+        tokens = tokens.to(ids.device)
+        n_tokens = tokens.shape[1]
+        embeds = torch.cat(
+            [self.model.get_input_embeddings()(ids), self._embed_image_tokens(tokens[:, :-1])], dim=1
+        )
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_tokens - 1)], dim=1)
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        logits = self.model.model.generation_head(hidden[:, -n_tokens:]).float()
+        return logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+    # ---- pixels <-> tokens ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_images(self, tokens: torch.LongTensor) -> torch.Tensor:
+        pixels = self.model.decode_image_tokens(tokens.to(self.device)).permute(0, 3, 1, 2)
+        return ((pixels.float() + 1) / 2).clamp(0, 1)  # Janus' VQ works in [-1, 1]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.LongTensor:
+        pixels = _resize(pixels.to(self.device), self.image_size)
+        vq = self.model.model.vqmodel
+        out = vq.encode((pixels * 2 - 1).to(vq.dtype), return_dict=True)
+        return out.image_tokens.view(pixels.shape[0], -1)
+
+    def understanding_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> the vision encoder's input: 8-bit levels (as a saved image would be),
+        the processor's size and normalisation."""
+        ip = self.processor.image_processor
+        side = self.model.config.vision_config.image_size
+        pixels = (_resize(pixels.to(self.device).float(), side) * 255).round() / 255
+        mean = torch.tensor(ip.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(ip.image_std, device=pixels.device).view(1, 3, 1, 1)
+        return ((pixels - mean) / std).to(self.model.dtype)
+
+    # ---- understanding direction -----------------------------------------------------------------
+    def text_logprobs(
+        self, pixels: torch.Tensor, texts: list[str], instruction: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.processor.tokenizer
+        prefix = self.understanding_prefix_ids(instruction)
+        answers = [tok(" " + t.strip(), add_special_tokens=False).input_ids for t in texts]
+        if self.include_eos:
+            answers = [a + [self.eos_id] for a in answers]
+        if any(len(a) == 0 for a in answers):
+            raise ValueError("cannot score an empty text")
+        longest = max(len(a) for a in answers)
+        ids = torch.full((len(texts), len(prefix) + longest), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        answer_mask = torch.zeros(len(texts), longest, dtype=torch.bool)
+        for i, a in enumerate(answers):  # right padding: every answer starts at len(prefix)
+            ids[i, : len(prefix) + len(a)] = torch.tensor(prefix + a)
+            attn[i, : len(prefix) + len(a)] = 1
+            answer_mask[i, : len(a)] = True
+        ids, attn, answer_mask = ids.to(self.device), attn.to(self.device), answer_mask.to(self.device)
+        hidden = self.model.model(
+            input_ids=ids, pixel_values=self.understanding_pixels(pixels), attention_mask=attn
+        ).last_hidden_state
+        # position t predicts token t + 1: the answer is predicted from len(prefix) - 1 on
+        logits = self.model.lm_head(hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]).float()
+        logps = logits.log_softmax(-1).gather(-1, ids[:, len(prefix) :, None]).squeeze(-1)
+        return logps * answer_mask, answer_mask
+
+
+def _resize(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    if pixels.shape[-1] == side and pixels.shape[-2] == side:
+        return pixels
+    return F.interpolate(pixels, size=(side, side), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
