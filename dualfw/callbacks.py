@@ -12,7 +12,7 @@ from dualfw.data.datamodule import run_folder
 
 
 class PairImageGrid(L.Callback):
-    """Every `every_n_steps`, a grid of chosen (top row) vs rejected (bottom row) images for the
+    """After step 1 and every `every_n_steps` after it, a grid of chosen (top row) vs rejected (bottom row) images for the
     first `max_prompts` pairs of the batch: saved as `<run folder>/images/pairs_step{N}.png` and sent
     to the logger (TensorBoard `add_image`, or any logger with `log_image`)."""
 
@@ -20,8 +20,8 @@ class PairImageGrid(L.Callback):
         self.every_n_steps, self.max_prompts = every_n_steps, max_prompts
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps != 0 or not trainer.is_global_zero:
+        step = trainer.global_step  # already counts this batch's optimizer step: 1, 2, ...
+        if (step - 1) % self.every_n_steps != 0 or not trainer.is_global_zero:
             return
         n = min(self.max_prompts, len(batch["prompts"]))
         tokens = torch.cat([batch["chosen"][:n], batch["rejected"][:n]])

@@ -1,19 +1,54 @@
 """`dualfw fit | validate | test | predict --config conf/t2i.yaml` on LightningCLI.
 
 Several --config files compose (later wins); values may use omegaconf interpolation
-(`${data.k}`); `--print_config` shows the resolved config.
+(`${data.init_args.k}`); `--print_config` shows the resolved config. Bad input ends in one line,
+`dualfw: error: ...`, naming the key, file or line.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+import sys
+
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from dualfw.errors import find_config_error
+
+# phrases that mark the informative line of jsonargparse's nested error reports
+_CULPRIT_MARKS = ("not accepted", "does not accept", "is required", "does not exist", "Unexpected", "unknown")
+
+
+def condense(message: str) -> str:
+    """One line from jsonargparse's multi-line parse error: the line naming the culprit."""
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    if not lines:
+        return message
+    culprit = next((line for line in lines[1:] if any(mark in line for mark in _CULPRIT_MARKS)), None)
+    return f"{lines[0]} {culprit}" if culprit and culprit not in lines[0] else lines[0]
+
+
+class DualfwCLI(LightningCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # parse without jsonargparse's usage dump; report the culprit in one line
+        subcommands = getattr(parser, "_subcommands_action", None)
+        parsers = [parser, *(subcommands.choices.values() if subcommands else [])]
+        for p in parsers:
+            p.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            print(f"dualfw: error: {condense(str(err))}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            for p in parsers:
+                p.exit_on_error = True
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Entry point of the `dualfw` command (also callable in-process, e.g. from tests)."""
     import lightning as L
 
-    return LightningCLI(
+    return DualfwCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -29,7 +64,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def main() -> None:
-    cli_main()
+    try:
+        cli_main()
+    except Exception as exc:  # user input errors become one line; anything else keeps its traceback
+        error = find_config_error(exc)
+        if error is None:
+            raise
+        print(f"dualfw: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

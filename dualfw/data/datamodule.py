@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 
 from dualfw.data.prompts import read_prompts
+from dualfw.errors import ConfigError
 from dualfw.data.rollouts import RolloutWriter
 from dualfw.models.base import ImageSampling
 from dualfw.selfreward import Rollout, rollout_t2i
@@ -104,9 +105,9 @@ class SelfRewardDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if k < 2:
-            raise ValueError(f"data.k must be at least 2 to form a preference pair, got {k}")
+            raise ConfigError(f"data.k must be at least 2 to form a preference pair, got {k}")
         if prompts_per_step < 1:
-            raise ValueError(f"data.prompts_per_step must be at least 1, got {prompts_per_step}")
+            raise ConfigError(f"data.prompts_per_step must be at least 1, got {prompts_per_step}")
         self.prompts, self.prompts_per_step, self.k = prompts, prompts_per_step, k
         self.sampling, self.margin, self.seed, self.shuffle, self.progress = sampling, margin, seed, shuffle, progress
         self.records: list[dict] = read_prompts(prompts)  # read now: a bad file fails before any model loads

@@ -7,6 +7,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from dualfw.errors import ConfigError, MissingFileError
+
 PACKAGE_PREFIX = "dualfw:"
 
 
@@ -26,7 +28,7 @@ def read_prompts(path: str | Path, key: str = "data.prompts") -> list[dict]:
     """
     file = resolve_path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"prompt file '{file}' does not exist (set {key})")
+        raise MissingFileError(f"prompt file '{file}' does not exist (set {key})")
     lines = file.read_text(encoding="utf-8").splitlines()
     first = next((line.strip() for line in lines if line.strip()), "")
     as_json = file.suffix in {".jsonl", ".json"} or first.startswith("{")
@@ -40,10 +42,10 @@ def read_prompts(path: str | Path, key: str = "data.prompts") -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{file}:{lineno}: malformed JSON line ({err.msg} at column {err.colno})") from None
+            raise ConfigError(f"{file}:{lineno}: malformed JSON line ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise ValueError(f"{file}:{lineno}: expected an object with a non-empty string 'prompt' field")
+            raise ConfigError(f"{file}:{lineno}: expected an object with a non-empty string 'prompt' field")
         records.append(record)
     if not records:
-        raise ValueError(f"prompt file '{file}' holds no prompts (set {key})")
+        raise ConfigError(f"prompt file '{file}' holds no prompts (set {key})")
     return records

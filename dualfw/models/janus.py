@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer
 
+from dualfw.errors import ConfigError, MissingFileError
 from dualfw.models.base import ImageSampling, LMMAdapter
 from dualfw.models.tiny import TinyJanusSpec, build_tiny_janus
 
@@ -26,21 +28,21 @@ def check_janus_folder(path: str | Path) -> Path:
     """Fail early, naming the folder, when it does not hold a transformers Janus checkpoint."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder '{folder}' does not exist (set the adapter's `path` to a local checkpoint)")
+        raise MissingFileError(f"model folder '{folder}' does not exist (set the adapter's `path` to a local checkpoint)")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"model folder '{folder}' has no config.json")
+        raise MissingFileError(f"model folder '{folder}' has no config.json")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
-        raise ValueError(f"'{config_file}' is not valid JSON: {err}") from None
+        raise ConfigError(f"'{config_file}' is not valid JSON: {err}") from None
     if model_type == "multi_modality":
-        raise ValueError(
+        raise ConfigError(
             f"'{config_file}' is DeepSeek's original Janus format (model_type 'multi_modality'); use the "
             "transformers conversion (e.g. deepseek-community/Janus-Pro-7B) or convert_janus_weights_to_hf.py"
         )
     if model_type != "janus":
-        raise ValueError(
+        raise ConfigError(
             f"'{config_file}' has model_type {model_type!r}, not a unified LMM: JanusAdapter needs model_type 'janus'"
         )
     return folder
@@ -66,7 +68,7 @@ class JanusAdapter(LMMAdapter):
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+            raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         if path is None:
             model, processor = build_tiny_janus(tiny)
             model = model.to(_DTYPES[dtype])
@@ -130,8 +132,7 @@ class JanusAdapter(LMMAdapter):
         seed: int | None = None,
         progress: bool = False,
     ) -> torch.LongTensor:
-        from transformers import DynamicCache
-        from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        from transformers import Cache, DynamicCache
 
         ids, mask = self.generation_inputs(prompts)
         n_prompts, n_tokens = len(prompts), self.num_image_tokens
@@ -139,46 +140,38 @@ class JanusAdapter(LMMAdapter):
         if cfg:  # unconditional rows keep BOS and <begin_of_image>; the prompt in between becomes pad
             uncond = ids.masked_fill((ids != self.bos_id) & (ids != self.boi_id), self.pad_id)
             ids, mask = torch.cat([ids, uncond]), torch.cat([mask, mask])
-        lm = self.model.model.language_model
-        head = self.model.model.generation_head
-        cache = DynamicCache(config=self.model.config.text_config)
-        out = lm(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask, cache=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
-        # share the prefix: every row (and its cache) is repeated k times, prompt-major
-        cache.batch_repeat_interleave(k)
-        hidden, mask = hidden.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        lm, head = self.model.model.language_model, self.model.model.generation_head
+        prefix, length = ids.shape[1], ids.shape[1] + n_tokens - 1  # the last image token is never fed back
 
-        warpers = LogitsProcessorList()
-        greedy = sampling.temperature == 0
-        if not greedy and sampling.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(sampling.temperature))
-        if not greedy and sampling.top_k > 0:
-            warpers.append(TopKLogitsWarper(sampling.top_k))
-        if not greedy and sampling.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(sampling.top_p))
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=ids.device).manual_seed(seed)
+        # The prefix runs once per row (2B rows with CFG); its keys and values are then repeated k
+        # times, prompt-major, into preallocated buffers that every step writes in place.
+        prefill = DynamicCache(config=self.model.config.text_config)
+        out = lm(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask, cache=prefill, use_cache=True)
+        hidden = out.last_hidden_state[:, -1].repeat_interleave(k, 0)
+        cache = Cache(layers=[_SlotLayer(layer.keys, layer.values, k, length) for layer in prefill.layers])
+        del prefill
+        # What each step may attend to, built once as the 4-D mask attention takes as is (no per-step
+        # mask building): the prompt's non-pad tokens, then one more slot per step, opened in place.
+        visible = torch.zeros(hidden.shape[0], 1, 1, length, dtype=torch.bool, device=ids.device)
+        visible[:, 0, 0, :prefix] = mask.bool().repeat_interleave(k, 0)
+        positions = torch.arange(prefix, length, device=ids.device).view(-1, 1, 1)  # as transformers: pads count
 
+        sample = _token_sampler(sampling, seed, ids.device)
         tokens = torch.empty(n_prompts * k, n_tokens, dtype=torch.long, device=ids.device)
         for i in tqdm(range(n_tokens), desc=f"sampling {n_prompts}x{k} images", leave=False, disable=not progress, delay=2.0):
             logits = head(hidden).float()
-            if cfg:
+            if cfg:  # rows [all conditional; all unconditional], transformers' CFG rule
                 cond, uncond = logits.chunk(2)
                 logits = uncond + sampling.guidance_scale * (cond - uncond)
-            if greedy:
-                next_token = logits.argmax(-1)
-            else:
-                probs = F.softmax(warpers(None, logits), dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            tokens[:, i] = next_token
+            tokens[:, i] = next_token = sample(logits)
             if i == n_tokens - 1:
-                break
+                break  # transformers runs the model once more here; the result is never used
+            visible[..., prefix + i] = True
             step = next_token.repeat(2) if cfg else next_token
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             out = lm(
                 inputs_embeds=self._embed_image_tokens(step[:, None]),
-                attention_mask=mask,
+                attention_mask=visible[..., : prefix + i + 1],
+                position_ids=positions[i],
                 cache=cache,
                 use_cache=True,
             )
@@ -247,6 +240,56 @@ class JanusAdapter(LMMAdapter):
         logits = self.model.lm_head(hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]).float()
         logps = logits.log_softmax(-1).gather(-1, ids[:, len(prefix) :, None]).squeeze(-1)
         return logps * answer_mask, answer_mask
+
+
+def _token_sampler(sampling: ImageSampling, seed: int | None, device: torch.device):
+    """logits (rows, codebook) -> next token per row: argmax when greedy, else warped multinomial."""
+    from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if sampling.temperature == 0:
+        return lambda logits: logits.argmax(-1)
+    warpers = LogitsProcessorList()
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    def sample(logits):
+        probs = F.softmax(warpers(None, logits) if warpers else logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    return sample
+
+
+class _SlotLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers preallocated for the whole generation.
+
+    Each step writes its keys and values into the next slot in place and attention reads views of
+    the filled part: no per-step torch.cat of the whole cache (DynamicCache), and no attending over
+    the still-empty slots (StaticCache). Starts from a prefix cache of R rows, repeated k times
+    (row r becomes rows r*k .. r*k + k - 1).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, k: int, max_len: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        rows, heads, filled, _ = keys.shape
+        self._keys = keys.new_empty(rows * k, heads, max_len, keys.shape[-1])
+        self._values = values.new_empty(rows * k, heads, max_len, values.shape[-1])
+        self._keys.unflatten(0, (rows, k))[:, :, :, :filled] = keys[:, None]
+        self._values.unflatten(0, (rows, k))[:, :, :, :filled] = values[:, None]
+        self.keys, self.values = self._keys[:, :, :filled], self._values[:, :, :filled]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        self._keys[:, :, start:end] = key_states
+        self._values[:, :, start:end] = value_states
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
 
 
 def _resize(pixels: torch.Tensor, side: int) -> torch.Tensor:

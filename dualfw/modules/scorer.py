@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from dualfw.errors import ConfigError
 from dualfw.models.base import LMMAdapter
 
 
@@ -39,7 +40,7 @@ class DualScorer(L.LightningModule):
     ) -> None:
         super().__init__()
         if reduction not in ("mean", "sum"):
-            raise ValueError(f"scorer.reduction must be 'mean' or 'sum', got {reduction!r}")
+            raise ConfigError(f"scorer.reduction must be 'mean' or 'sum', got {reduction!r}")
         self.reduction, self.instruction, self.frozen, self.batch_size = reduction, instruction, frozen, batch_size
         self._model: list[LMMAdapter] = []  # a list keeps the policy's weights out of this module's state
 

@@ -1,0 +1,102 @@
+"""`dualfw fit` end to end, in-process: run folder contents, resume, config handling, bad input."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dualfw.cli import cli_main
+from dualfw.data.rollouts import read_rollouts
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf" / "t2i.yaml")
+
+
+def _fit_args(tmp_path, tiny_folder, *extra):
+    return [
+        "fit",
+        "--config", CONF,
+        f"--model.init_args.model.init_args.path={tiny_folder}",
+        "--data.init_args.prompts_per_step=2",
+        "--data.init_args.k=3",
+        "--data.init_args.progress=false",
+        "--trainer.max_steps=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.name=t2i",
+        "--trainer.logger.version=run",
+        *extra,
+    ]
+
+
+def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tiny_folder):
+    cli = cli_main(_fit_args(tmp_path, tiny_folder))
+    run = tmp_path / "t2i" / "run"
+    assert cli.trainer.global_step == 2
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config.yaml").is_file()
+    assert list((run / "images").glob("pairs_step*.png"))
+
+    rollouts = list(read_rollouts(run / "rollouts.jsonl"))
+    assert len(rollouts) >= 4  # 2 steps x 2 prompts (plus Lightning's one-batch prefetch)
+    first = rollouts[0]
+    assert len(first["image_tokens"]) == 3 and len(first["rewards"]) == 3
+    if first["chosen"] is not None:
+        assert first["rewards"][first["chosen"]] == max(first["rewards"])
+        assert first["rewards"][first["rejected"]] == min(first["rewards"])
+
+    # the rollout's reward is the one a fresh scorer on the initial model computes for those tokens
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.scorer import DualScorer
+
+    scorer = DualScorer()
+    scorer.attach(JanusAdapter(path=str(tiny_folder)))
+    recomputed = scorer.image_rewards(torch.tensor(first["image_tokens"]), [first["prompt"]] * 3)
+    assert torch.allclose(recomputed, torch.tensor(first["rewards"]), atol=1e-4)
+
+    with open(run / "metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    for key in ("train/loss", "train/pair_accuracy", "reward/margin", "reward/mean", "reward/std",
+                "train/logp_chosen", "train/logp_rejected", "train/grad_norm", "data/skipped_inputs"):
+        assert key in columns, key
+
+    # re-run into the same folder from the last checkpoint: no abort on the saved config, continues
+    cli = cli_main(_fit_args(tmp_path, tiny_folder, "--trainer.max_steps=4", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    assert cli.trainer.global_step == 4
+    assert len(list(read_rollouts(run / "rollouts.jsonl"))) > len(rollouts)  # appended, nothing lost
+
+
+def test_configs_compose_and_interpolate(tmp_path, tiny_folder, capsys):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("data:\n  init_args:\n    k: 5\n    prompts_per_step: ${data.init_args.k}\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", CONF, "--config", str(overlay), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "k: 5" in printed and "prompts_per_step: 5" in printed
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "dualfw.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("data:\n  init_args:\n    kk: 3\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = {
+        ("--config", str(bad_key)): "'kk' is not accepted",
+        ("--data.init_args.k=1",): "data.k must be at least 2",
+        ("--data.init_args.prompts=" + str(empty),): "holds no prompts",
+        ("--model.init_args.model.init_args.path=" + str(tmp_path / "nope"),): "does not exist",
+    }
+    for extra, message in cases.items():
+        result = _run("fit", "--config", CONF, *extra)
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("dualfw: error:") and message in last, (extra, last)

@@ -1,0 +1,125 @@
+"""Prompt files, rollouts, pairing and the self-reward, with their error cases."""
+
+import json
+
+import pytest
+import torch
+
+from dualfw.data.prompts import read_prompts
+from dualfw.data.rollouts import RolloutWriter, read_rollouts
+from dualfw.errors import ConfigError, MissingFileError
+from dualfw.selfreward import best_vs_worst
+
+
+def test_plain_text_prompts_skip_blank_lines(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle\n\n  two squares  \n")
+    assert [r["prompt"] for r in read_prompts(f)] == ["a red circle", "two squares"]
+
+
+def test_official_geneval_metadata_reads_as_prompts_with_metadata(shared_data):
+    records = read_prompts(shared_data / "geneval" / "evaluation_metadata.jsonl")
+    assert len(records) == 553
+    assert records[0]["prompt"].startswith("a photo of") and "include" in records[0] and "tag" in records[0]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no prompts"),
+        ("\n  \n", "holds no prompts"),
+        ('{"prompt": "a"}\n{"prompt": "b"\n', ":2: malformed JSON line"),
+        ('{"prompt": "a"}\n{"text": "b"}\n', ":2: expected an object with a non-empty string 'prompt'"),
+    ],
+)
+def test_bad_prompt_files_name_file_and_line(tmp_path, content, message):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        read_prompts(f)
+    assert str(f) in str(err.value)
+
+
+def test_missing_prompt_file_names_path_and_key(tmp_path):
+    with pytest.raises(MissingFileError, match="data.prompts"):
+        read_prompts(tmp_path / "nope.txt")
+
+
+def test_packaged_prompt_file_resolves():
+    assert len(read_prompts("dualfw:assets/shapes_prompts.txt")) >= 8
+
+
+def test_rollouts_written_then_read_back(tmp_path):
+    writer = RolloutWriter(tmp_path / "run" / "rollouts.jsonl")
+    records = [{"prompt": "a", "rewards": [0.1, -0.2], "chosen": 0, "rejected": 1}, {"prompt": "b", "chosen": None}]
+    for r in records:
+        writer.write(r)
+    # flushed line by line: readable before close (a crash loses nothing)
+    assert list(read_rollouts(writer.path)) == records
+    writer.close()
+    with open(writer.path, "a") as f:
+        f.write("{broken\n")
+    with pytest.raises(ValueError, match=":3: malformed"):
+        list(read_rollouts(writer.path))
+
+
+def test_best_vs_worst_pairs_and_margin():
+    rewards = torch.tensor([[0.1, 0.5, -0.3, 0.2], [1.0, 1.0, 1.0, 1.0], [0.0, 0.05, 0.02, 0.01]])
+    chosen, rejected, keep = best_vs_worst(rewards, margin=0.1)
+    assert chosen[0] == 1 and rejected[0] == 2 and keep.tolist() == [True, False, False]
+    _, _, keep0 = best_vs_worst(rewards, margin=0.0)
+    assert keep0.tolist() == [True, False, True]  # equal rewards never pair
+
+
+def test_k_below_two_is_rejected(tmp_path):
+    from dualfw.data.datamodule import SelfRewardDataModule
+
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle\n")
+    with pytest.raises(ConfigError, match="data.k must be at least 2"):
+        SelfRewardDataModule(prompts=str(f), k=1)
+
+
+def test_scorer_reward_is_mean_token_logprob_of_the_prompt(tiny_adapter):
+    from dualfw.modules.scorer import DualScorer
+
+    tokens = torch.randint(0, 64, (3, tiny_adapter.num_image_tokens), generator=torch.Generator().manual_seed(2))
+    prompts = ["a red circle", "two blue squares left of a green triangle", "a dog"]
+    mean_scorer, sum_scorer = DualScorer(batch_size=2), DualScorer(reduction="sum", batch_size=3)
+    mean_scorer.attach(tiny_adapter)
+    sum_scorer.attach(tiny_adapter)
+    rewards, sums = mean_scorer.image_rewards(tokens, prompts), sum_scorer.image_rewards(tokens, prompts)
+    for i in range(3):  # one at a time, straight from the adapter
+        with torch.no_grad():
+            logps, mask = tiny_adapter.text_logprobs(tiny_adapter.decode_images(tokens[i : i + 1]), [prompts[i]], "Describe this image.")
+        assert torch.allclose(rewards[i], logps[mask].mean(), atol=1e-5)
+        assert torch.allclose(sums[i], logps[mask].sum(), atol=1e-4)
+
+
+def test_frozen_scorer_does_not_follow_the_policy(tiny_folder):
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.scorer import DualScorer
+
+    policy = JanusAdapter(path=str(tiny_folder))
+    live, frozen = DualScorer(), DualScorer(frozen=True)
+    live.attach(policy)
+    frozen.attach(policy)
+    tokens = torch.randint(0, 64, (1, policy.num_image_tokens))
+    before = frozen.image_rewards(tokens, ["a circle"])
+    with torch.no_grad():
+        policy.model.lm_head.weight.mul_(3.0)
+    assert torch.equal(frozen.image_rewards(tokens, ["a circle"]), before)
+    assert not torch.allclose(live.image_rewards(tokens, ["a circle"]), before)
+    assert not any(p.requires_grad for p in frozen.model.parameters())
+
+
+def test_bad_model_folders_are_named(tmp_path):
+    from dualfw.models.janus import JanusAdapter
+
+    with pytest.raises(MissingFileError, match="does not exist"):
+        JanusAdapter(path=str(tmp_path / "missing"))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match=r"model_type 'llama', not a unified LMM"):
+        JanusAdapter(path=str(llama))

@@ -1,0 +1,113 @@
+"""Our Janus adapter against transformers itself: sampler tokens and log-probs."""
+
+import torch
+from transformers import GenerationConfig
+
+from dualfw.models.base import ImageSampling
+
+MIXED = ["a red circle", "two blue squares left of a big green triangle", "a photo of a dog"]
+
+
+def _hf_generate(adapter, prompts, guidance_scale=5.0):
+    ids, mask = adapter.generation_inputs(prompts)
+    config = GenerationConfig(
+        bos_token_id=adapter.bos_id,
+        pad_token_id=adapter.pad_id,
+        do_sample=False,
+        guidance_scale=guidance_scale,
+        generation_kwargs={"boi_token_id": adapter.boi_id},
+    )
+    return adapter.model.generate(input_ids=ids, attention_mask=mask, generation_mode="image", generation_config=config)
+
+
+def test_greedy_cfg_matches_transformers_generate_on_mixed_length_batch(tiny_adapter):
+    ids, mask = tiny_adapter.generation_inputs(MIXED)
+    assert (mask == 0).any(), "the batch must really be mixed-length (left padding)"
+    ours = tiny_adapter.sample_images(MIXED, k=2, sampling=ImageSampling(guidance_scale=5.0, temperature=0))
+    reference = _hf_generate(tiny_adapter, [p for p in MIXED for _ in range(2)])
+    assert ours.shape == (3, 2, tiny_adapter.num_image_tokens)
+    assert torch.equal(ours.flatten(0, 1), reference)
+    assert len(set(map(tuple, reference.tolist()))) == 3, "prompts should give different images"
+
+
+def test_each_prompt_alone_gives_the_same_tokens_as_in_the_batch(tiny_adapter):
+    greedy = ImageSampling(temperature=0)
+    batch = tiny_adapter.sample_images(MIXED, k=1, sampling=greedy)
+    for i, prompt in enumerate(MIXED):
+        assert torch.equal(tiny_adapter.sample_images([prompt], k=1, sampling=greedy)[0], batch[i])
+
+
+def test_guidance_scale_one_means_no_cfg(tiny_adapter):
+    tokens = tiny_adapter.sample_images(MIXED[:2], k=2, sampling=ImageSampling(guidance_scale=1.0, temperature=0))
+    # without CFG greedy decoding is the argmax of the conditional log-probs at every step
+    logps = tiny_adapter.image_logprobs([MIXED[0], MIXED[1]], tokens[:, 0])
+    ids, mask = tiny_adapter.generation_inputs([MIXED[0]])
+    assert tokens.shape == (2, 2, tiny_adapter.num_image_tokens)
+    full = _all_logprobs(tiny_adapter, MIXED[0], tokens[0, 0])
+    assert torch.equal(full.argmax(-1), tokens[0, 0])
+    assert torch.allclose(logps[0], full.gather(-1, tokens[0, 0, :, None]).squeeze(-1), atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_adapter):
+    s = ImageSampling(temperature=1.0, top_k=20, top_p=0.9)
+    a = tiny_adapter.sample_images(MIXED[:2], k=3, sampling=s, seed=7)
+    b = tiny_adapter.sample_images(MIXED[:2], k=3, sampling=s, seed=7)
+    c = tiny_adapter.sample_images(MIXED[:2], k=3, sampling=s, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0, 0], a[0, 1]), "the K samples of one prompt should differ"
+
+
+def _all_logprobs(adapter, prompt, tokens):
+    """log_softmax of the generation head at each image position, one full forward per position
+    (no cache, no batching): an independent reference for image_logprobs."""
+    ids, _ = adapter.generation_inputs([prompt])
+    embed = adapter.model.get_input_embeddings()(ids)
+    rows = []
+    with torch.no_grad():
+        for t in range(tokens.shape[0]):
+            img = adapter.model.prepare_embeddings_for_image_generation(tokens[None, :t])
+            hidden = adapter.model.model.language_model(inputs_embeds=torch.cat([embed, img], 1)).last_hidden_state
+            rows.append(adapter.model.model.generation_head(hidden[0, -1]).float().log_softmax(-1))
+    return torch.stack(rows)
+
+
+def test_image_logprobs_match_stepwise_forward_in_a_padded_batch(tiny_adapter):
+    tokens = torch.randint(0, 64, (2, tiny_adapter.num_image_tokens), generator=torch.Generator().manual_seed(0))
+    batched = tiny_adapter.image_logprobs([MIXED[0], MIXED[1]], tokens)
+    for i in range(2):
+        reference = _all_logprobs(tiny_adapter, MIXED[i], tokens[i]).gather(-1, tokens[i, :, None]).squeeze(-1)
+        # left padding shifts RoPE positions (relative distances are unchanged): equal to float32 rounding
+        torch.testing.assert_close(batched[i], reference, atol=1e-5, rtol=1e-5)
+    assert batched.requires_grad, "log-probs must carry gradients for training"
+
+
+def test_text_logprobs_equal_log_softmax_of_transformers_forward(tiny_adapter):
+    pixels = torch.rand(2, 3, tiny_adapter.image_size, tiny_adapter.image_size, generator=torch.Generator().manual_seed(1))
+    texts = ["a red circle", "two blue squares left of a green triangle"]
+    logps, mask = tiny_adapter.text_logprobs(pixels, texts, "Describe this image.")
+    tok = tiny_adapter.processor.tokenizer
+    for i, text in enumerate(texts):
+        # one sample at a time, through the processor and the full model forward (lm_head on all positions)
+        prompt = tiny_adapter.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
+            add_generation_prompt=True,
+        )
+        image = (pixels[i] * 255).round().to(torch.uint8)
+        enc = tiny_adapter.processor(text=prompt, images=image, return_tensors="pt")
+        answer = tok(" " + text, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.cat([enc["input_ids"], answer], 1)
+        with torch.no_grad():
+            logits = tiny_adapter.model(input_ids=ids, pixel_values=enc["pixel_values"]).logits.float()
+        n = answer.shape[1]
+        reference = logits[0, -n - 1 : -1].log_softmax(-1).gather(-1, answer[0, :, None]).squeeze(-1)
+        assert int(mask[i].sum()) == n
+        torch.testing.assert_close(logps[i, :n], reference, atol=1e-5, rtol=0)
+
+
+def test_decode_then_encode_round_trip_shapes(tiny_adapter):
+    tokens = tiny_adapter.sample_images(["a red circle"], k=2, sampling=ImageSampling(), seed=0)[0]
+    pixels = tiny_adapter.decode_images(tokens)
+    assert pixels.shape == (2, 3, tiny_adapter.image_size, tiny_adapter.image_size)
+    assert 0 <= pixels.min() and pixels.max() <= 1
+    codes = tiny_adapter.encode_images(pixels)
+    assert codes.shape == tokens.shape and codes.dtype == torch.long

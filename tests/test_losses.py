@@ -1,0 +1,89 @@
+"""Losses against values computed by hand, and a few optimizer steps that must move the margin."""
+
+import math
+
+import torch
+
+from dualfw.losses import DPO, PairLogps, SimPO, dpo_loss, simpo_loss
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_simpo_against_hand_computed_value():
+    # beta=2, gamma=0.5; chosen: -64 over 64 tokens (-1/token), rejected: -128 over 64 (-2/token)
+    # inside = 2*(-1) - 2*(-2) - 0.5 = 1.5
+    loss = simpo_loss(torch.tensor([-64.0]), torch.tensor([-128.0]), torch.tensor([64.0]), torch.tensor([64.0]), 2.0, 0.5)
+    assert math.isclose(loss.item(), -math.log(_sigmoid(1.5)), rel_tol=1e-6)
+
+
+def test_simpo_normalises_by_each_length():
+    # chosen -30 over 10 tokens (-3), rejected -40 over 20 (-2): inside = 1*(-3) - 1*(-2) - 0 = -1
+    loss = simpo_loss(torch.tensor([-30.0]), torch.tensor([-40.0]), torch.tensor([10.0]), torch.tensor([20.0]), 1.0, 0.0)
+    assert math.isclose(loss.item(), -math.log(_sigmoid(-1.0)), rel_tol=1e-6)
+
+
+def test_dpo_against_hand_computed_value():
+    # policy: -10 vs -12, reference: -11 vs -11 -> [(-10+11) - (-12+11)] = 2; beta 0.1 -> 0.2
+    loss = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), 0.1)
+    assert math.isclose(loss.item(), -math.log(_sigmoid(0.2)), rel_tol=1e-6)
+    # identical policy and reference: ln 2, the known stall value
+    same = dpo_loss(torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-5.0]), torch.tensor([-7.0]), 0.1)
+    assert math.isclose(same.item(), math.log(2), rel_tol=1e-6)
+
+
+def test_loss_classes_wrap_the_functions_and_margins_agree_in_sign():
+    pairs = PairLogps(
+        chosen=torch.tensor([-10.0, -20.0]),
+        rejected=torch.tensor([-12.0, -10.0]),
+        chosen_len=torch.tensor([10.0, 10.0]),
+        rejected_len=torch.tensor([10.0, 10.0]),
+        ref_chosen=torch.tensor([-11.0, -20.0]),
+        ref_rejected=torch.tensor([-11.0, -20.0]),
+    )
+    simpo = SimPO(beta=2.0, gamma=0.1)
+    assert torch.allclose(simpo(pairs), -torch.nn.functional.logsigmoid(simpo.implicit_margin(pairs)))
+    dpo = DPO(beta=0.5)
+    assert dpo.needs_reference and not simpo.needs_reference
+    assert torch.allclose(dpo(pairs), -torch.nn.functional.logsigmoid(dpo.implicit_margin(pairs)))
+    assert (dpo.implicit_margin(pairs) > 0).tolist() == [True, False]
+
+
+def _policy(tiny_folder, loss):
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import Policy
+
+    return Policy(JanusAdapter(path=str(tiny_folder)), loss=loss)
+
+
+def _fixed_pairs(policy):
+    from dualfw.models.base import ImageSampling
+
+    prompts = ["a red circle", "two blue squares"]
+    tokens = policy.model.sample_images(prompts, k=2, sampling=ImageSampling(), seed=3)
+    return {"prompts": prompts, "chosen": tokens[:, 0], "rejected": tokens[:, 1]}
+
+
+def _margin(policy, batch):
+    with torch.no_grad():
+        pairs = policy.pair_logps(batch)
+        return policy.loss.implicit_margin(pairs).mean().item()
+
+
+def test_a_few_optimizer_steps_raise_the_chosen_vs_rejected_margin(tiny_folder):
+    for loss in (SimPO(beta=2.0, gamma=0.5), DPO(beta=0.1)):
+        policy = _policy(tiny_folder, loss)
+        batch = _fixed_pairs(policy)
+        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+        before = _margin(policy, batch)
+        losses = []
+        for _ in range(5):
+            value = policy.loss(policy.pair_logps(batch)).mean()
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            losses.append(value.item())
+        after = _margin(policy, batch)
+        assert after > before + 0.1, (type(loss).__name__, before, after)
+        assert losses[-1] < losses[0]
