@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
 from dualfw.errors import ConfigError, MissingFileError
-from dualfw.models.base import ImageSampling, LMMAdapter
+from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
 from dualfw.models.tiny import TinyJanusSpec, build_tiny_janus
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,7 +28,7 @@ def check_janus_folder(path: str | Path) -> Path:
     """Fail early, naming the folder, when it does not hold a transformers Janus checkpoint."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise MissingFileError(f"model folder '{folder}' does not exist (set the adapter's `path` to a local checkpoint)")
+        raise MissingFileError(f"model folder '{folder}' does not exist (set model.init_args.model.init_args.path to a local checkpoint folder)")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise MissingFileError(f"model folder '{folder}' has no config.json")
@@ -240,6 +240,45 @@ class JanusAdapter(LMMAdapter):
         logits = self.model.lm_head(hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]).float()
         logps = logits.log_softmax(-1).gather(-1, ids[:, len(prefix) :, None]).squeeze(-1)
         return logps * answer_mask, answer_mask
+
+    @torch.no_grad()
+    def sample_texts(
+        self,
+        pixels: torch.Tensor,
+        k: int,
+        instruction: str,
+        sampling: TextSampling = TextSampling(),
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """K descriptions per image through transformers' text generate (KV cache, batched,
+        stops at end-of-sequence). Temperature 0 is greedy (the K answers are then equal)."""
+        from transformers import GenerationConfig
+
+        prefix = self.understanding_prefix_ids(instruction)
+        n = pixels.shape[0]
+        greedy = sampling.temperature == 0
+        rows = 1 if greedy else k
+        ids = torch.tensor([prefix], device=self.device).repeat(n * rows, 1)
+        pixel_values = self.understanding_pixels(pixels).repeat_interleave(rows, 0)
+        if greedy:
+            options = dict(do_sample=False)
+        else:
+            options = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            # a fresh config: the checkpoint's carries image-generation settings (guidance_scale)
+            config = GenerationConfig(
+                max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                bos_token_id=self.bos_id, **options,
+            )
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                generation_config=config, generation_mode="text",
+            )
+        texts = self.processor.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        return [texts[i * rows : (i + 1) * rows] * (k if greedy else 1) for i in range(n)]
 
 
 def _token_sampler(sampling: ImageSampling, seed: int | None, device: torch.device):
