@@ -1,10 +1,10 @@
 """dualfw: unified multimodal models that improve themselves with dual self-rewards."""
 
 from dualfw.data.datamodule import SelfRewardDataModule
-from dualfw.losses import DPO, SimPO
+from dualfw.losses import DPO, GRPO, IPO, SimPO
 from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
 from dualfw.models.janus import JanusAdapter
-from dualfw.modules.policy import Policy
+from dualfw.modules.policy import LoraSpec, Policy
 from dualfw.modules.reference import Reference
 from dualfw.modules.scorer import DualScorer
 
@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DPO",
+    "GRPO",
+    "IPO",
+    "LoraSpec",
     "DualScorer",
     "ImageSampling",
     "JanusAdapter",

@@ -21,15 +21,17 @@ class PairImageGrid(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step  # already counts this batch's optimizer step: 1, 2, ...
-        if (step - 1) % self.every_n_steps != 0 or not trainer.is_global_zero:
+        group = batch.get("t2i")
+        if (step - 1) % self.every_n_steps != 0 or not trainer.is_global_zero or group is None or not len(group.pairs):
             return
-        n = min(self.max_prompts, len(batch["prompts"]))
-        tokens = torch.cat([batch["chosen"][:n], batch["rejected"][:n]])
+        pairs = group.pairs[: self.max_prompts]
+        n = len(pairs)
+        tokens = torch.cat([group.image_tokens[pairs[:, 0], pairs[:, 1]], group.image_tokens[pairs[:, 0], pairs[:, 2]]])
         grid = make_grid(pl_module.model.decode_images(tokens).float().cpu(), nrow=n, padding=2, pad_value=1.0)
         path = Path(run_folder(trainer)) / "images" / f"pairs_step{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
-        caption = " | ".join(batch["prompts"][:n])
+        caption = " | ".join(group.prompts[i] for i in pairs[:, 0].tolist())
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
@@ -37,3 +39,15 @@ class PairImageGrid(L.Callback):
                 experiment.add_text("pairs/prompts", caption, step)
             elif hasattr(logger, "log_image"):
                 logger.log_image(key="pairs", images=[grid], step=step, caption=[caption])
+
+
+class ExportPretrained(L.Callback):
+    """At the end of fit, save the trained policy (LoRA merged) to `<run folder>/<dirname>` in the
+    model's own format (for Janus: a folder transformers' from_pretrained loads)."""
+
+    def __init__(self, dirname: str = "export") -> None:
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            pl_module.export_pretrained(Path(run_folder(trainer)) / self.dirname)

@@ -34,6 +34,41 @@ def dpo_loss(
     return -F.logsigmoid(beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)))
 
 
+def ipo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, tau: float
+) -> Tensor:
+    """IPO (Azar et al.), per pair: a squared loss that keeps the log-ratio margin at 1/(2 tau):
+
+        h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
+        L = (h - 1 / (2 tau))^2
+    """
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    return (h - 1 / (2 * tau)) ** 2
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """GRPO advantages: rewards normalised within each group (row) of K samples,
+    A_i = (r_i - mean(r)) / (std(r) + eps); zero mean per group."""
+    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
+
+
+def grpo_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, ref_logps: Tensor | None, clip: float, kl_beta: float
+) -> Tensor:
+    """GRPO, per sample, with per-token-mean log-probs logp = log pi(y|x) / |y|:
+
+        ratio = exp(logp - logp_old)
+        L = -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) + kl_beta * KL
+        KL = exp(ref - logp) - (ref - logp) - 1        (the k3 estimator, >= 0)
+    """
+    ratio = torch.exp(logps - old_logps)
+    policy_term = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    if ref_logps is None or kl_beta == 0:
+        return policy_term
+    delta = ref_logps - logps
+    return policy_term + kl_beta * (torch.exp(delta) - delta - 1)
+
+
 @dataclass
 class PairLogps:
     """Summed log-probs and lengths of a batch of (chosen, rejected) pairs; ref_* only when needed."""
@@ -50,6 +85,7 @@ class PreferenceLoss:
     """A loss over preference pairs. `needs_reference` tells the Policy to build the Reference."""
 
     needs_reference: bool = False
+    over_groups: bool = False  # True for losses over all K samples (GRPO) instead of pairs
 
     def __call__(self, pairs: PairLogps) -> Tensor:
         """Per-pair losses (n_pairs,)."""
@@ -96,3 +132,44 @@ class DPO(PreferenceLoss):
 
     def implicit_margin(self, pairs: PairLogps) -> Tensor:
         return self.beta * ((pairs.chosen - pairs.ref_chosen) - (pairs.rejected - pairs.ref_rejected))
+
+
+class IPO(PreferenceLoss):
+    """IPO with the frozen Reference.
+
+    Args:
+        tau: regularisation; the target log-ratio margin is 1 / (2 tau).
+    """
+
+    needs_reference = True
+
+    def __init__(self, tau: float = 0.1) -> None:
+        self.tau = tau
+
+    def __call__(self, pairs: PairLogps) -> Tensor:
+        return ipo_loss(pairs.chosen, pairs.rejected, pairs.ref_chosen, pairs.ref_rejected, self.tau)
+
+    def implicit_margin(self, pairs: PairLogps) -> Tensor:
+        return (pairs.chosen - pairs.ref_chosen) - (pairs.rejected - pairs.ref_rejected)
+
+
+class GRPO(PreferenceLoss):
+    """GRPO over the K samples of each input (group-normalised self-rewards as advantages).
+
+    One update per rollout, so logp_old is the detached current log-prob: the ratio is 1 in value
+    and the clip only matters if a rollout is reused.
+
+    Args:
+        clip: ratio clip range epsilon.
+        kl_beta: weight of the KL to the Reference (0 drops the Reference).
+    """
+
+    over_groups = True
+
+    def __init__(self, clip: float = 0.2, kl_beta: float = 0.04) -> None:
+        self.clip, self.kl_beta = clip, kl_beta
+        self.needs_reference = kl_beta > 0
+
+    def group_loss(self, logps: Tensor, rewards: Tensor, ref_logps: Tensor | None) -> Tensor:
+        """Per-sample losses for per-token-mean log-probs and rewards, both (B, K)."""
+        return grpo_loss(logps, logps.detach(), group_advantages(rewards), ref_logps, self.clip, self.kl_beta)

@@ -1,55 +1,82 @@
-"""The core algorithm, text-to-image direction: sample K -> self-score -> pair -> (loss in Policy).
+"""The core algorithm: sample K -> self-score -> pair -> (loss in Policy), in both directions.
 
-    for each prompt x:
-        y_1..y_K ~ pi(. | x)                      (images, with CFG)        sample_images
-        R_G(y_i) = mean_k log pi(x_k | y_i, x_<k) (the model reads y_i)     DualScorer.image_rewards
-        chosen, rejected = argmax R_G, argmin R_G (skip if spread < margin) best_vs_worst
-    loss = SimPO / DPO on (x, y_chosen, y_rejected)                        Policy.training_step
+    text-to-image (t2i), for each prompt x:
+        y_1..y_K ~ pi(. | x)                        images, with CFG            sample_images
+        R_G(y_i) = mean_k log pi(x_k | y_i, x_<k)   the model reads y_i         DualScorer.image_rewards
+    image-to-text (i2t), for each image v (VQ tokens v_1..v_N):
+        t_1..t_K ~ pi(. | v, instruction)           descriptions                sample_texts
+        R_U(t_i) = mean_k log pi(v_k | t_i, v_<k)   the model draws v from t_i  DualScorer.text_rewards
+    pairs = select_pairs(R, "best_worst" | "all" | "top_bottom", margin)
+    loss  = SimPO / DPO / IPO on pairs, or GRPO on the whole group               Policy.training_step
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from dualfw.models.base import ImageSampling, LMMAdapter
+from dualfw.errors import ConfigError
+from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
+
+Pairing = Literal["best_worst", "all", "top_bottom"]
+PAIRINGS = ("best_worst", "all", "top_bottom")
 
 
 @dataclass
-class Rollout:
-    """K samples for each of B inputs, their self-rewards and the pair chosen from them."""
+class Group:
+    """K samples for each of B inputs in one direction, their self-rewards and the pairs drawn.
 
-    prompts: list[str]
-    tokens: Tensor  # (B, K, N) image tokens
-    rewards: Tensor  # (B, K)
-    chosen: Tensor  # (B,) index into K
-    rejected: Tensor  # (B,)
-    keep: Tensor  # (B,) bool: False when the reward spread is below the margin
-
-    def pairs(self) -> dict:
-        """The kept (chosen, rejected) pairs as a training batch."""
-        keep = self.keep.nonzero().squeeze(-1)
-        rows = torch.arange(len(self.prompts), device=self.tokens.device)
-        return {
-            "prompts": [self.prompts[i] for i in keep.tolist()],
-            "chosen": self.tokens[rows, self.chosen][keep],
-            "rejected": self.tokens[rows, self.rejected][keep],
-            "chosen_reward": self.rewards[rows, self.chosen][keep],
-            "rejected_reward": self.rewards[rows, self.rejected][keep],
-        }
-
-
-def best_vs_worst(rewards: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Pair the highest-reward sample against the lowest, per row of `rewards` (B, K).
-
-    Rows whose spread max - min is not above `margin` are not kept: equal rewards give no pair.
+    t2i: inputs are prompts (list[str]); samples are image tokens (B, K, N).
+    i2t: inputs are images (pixels (B, 3, H, W) and their VQ tokens (B, N)); samples are texts
+    (B lists of K strings).
     """
-    chosen, rejected = rewards.argmax(-1), rewards.argmin(-1)
-    spread = rewards.max(-1).values - rewards.min(-1).values
-    keep = (spread > margin) & (chosen != rejected)
-    return chosen, rejected, keep
+
+    direction: Literal["t2i", "i2t"]
+    rewards: Tensor  # (B, K)
+    pairs: Tensor  # (P, 3) rows of (input index, chosen sample, rejected sample)
+    prompts: list[str] = field(default_factory=list)
+    image_tokens: Tensor | None = None  # t2i: (B, K, N) samples; i2t: (B, N) the real images
+    pixels: Tensor | None = None  # i2t
+    texts: list[list[str]] = field(default_factory=list)  # i2t samples
+    instruction: str = ""  # i2t: the user turn the descriptions answer
+    meta: list[dict] = field(default_factory=list)  # per input: prompt-file fields or image path
+
+    @property
+    def kept(self) -> Tensor:
+        """(B,) bool: inputs with at least one pair (the others were skipped)."""
+        kept = torch.zeros(self.rewards.shape[0], dtype=torch.bool, device=self.rewards.device)
+        kept[self.pairs[:, 0]] = True
+        return kept
+
+
+def select_pairs(rewards: Tensor, pairing: Pairing = "best_worst", margin: float = 0.0, top_k: int = 2) -> Tensor:
+    """(input, chosen, rejected) index triples from rewards (B, K); a pair needs r_c - r_r > margin.
+
+    best_worst: argmax vs argmin (the paper). all: every ordered pair. top_bottom: the i-th best
+    vs the i-th worst, i < top_k (disjoint samples only).
+    """
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"unknown pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
+    b, k = rewards.shape
+    if pairing == "best_worst":
+        chosen, rejected = rewards.argmax(-1), rewards.argmin(-1)
+        rows = torch.arange(b, device=rewards.device)
+    elif pairing == "all":
+        rows, chosen, rejected = torch.meshgrid(
+            torch.arange(b, device=rewards.device), torch.arange(k, device=rewards.device),
+            torch.arange(k, device=rewards.device), indexing="ij",
+        )
+        rows, chosen, rejected = rows.flatten(), chosen.flatten(), rejected.flatten()
+    else:
+        n = min(top_k, k // 2)
+        order = rewards.argsort(-1, descending=True)
+        rows = torch.arange(b, device=rewards.device).repeat_interleave(n)
+        chosen, rejected = order[:, :n].flatten(), order.flip(-1)[:, :n].flatten()
+    ok = rewards[rows, chosen] - rewards[rows, rejected] > margin
+    return torch.stack([rows[ok], chosen[ok], rejected[ok]], dim=1)
 
 
 @torch.no_grad()
@@ -59,13 +86,49 @@ def rollout_t2i(
     prompts: list[str],
     k: int,
     sampling: ImageSampling,
+    pairing: Pairing = "best_worst",
     margin: float = 0.0,
     seed: int | None = None,
     progress: bool = False,
-) -> Rollout:
-    """Sample k images per prompt from `policy`, reward each by `scorer` (R_G), pair best vs worst."""
+) -> Group:
+    """Sample k images per prompt from `policy`, reward each by `scorer` (R_G), pick pairs."""
     tokens = policy.sample_images(prompts, k, sampling, seed=seed, progress=progress)
-    flat_prompts = [p for p in prompts for _ in range(k)]
-    rewards = scorer.image_rewards(tokens.flatten(0, 1), flat_prompts).view(len(prompts), k)
-    chosen, rejected, keep = best_vs_worst(rewards, margin)
-    return Rollout(prompts, tokens, rewards, chosen, rejected, keep)
+    rewards = scorer.image_rewards(tokens.flatten(0, 1), [p for p in prompts for _ in range(k)]).view(len(prompts), k)
+    return Group("t2i", rewards, select_pairs(rewards, pairing, margin), prompts=prompts, image_tokens=tokens)
+
+
+@torch.no_grad()
+def rollout_i2t(
+    policy: LMMAdapter,
+    scorer,
+    pixels: Tensor,
+    k: int,
+    sampling: TextSampling,
+    instruction: str,
+    pairing: Pairing = "best_worst",
+    margin: float = 0.0,
+    seed: int | None = None,
+) -> Group:
+    """Sample k descriptions per image from `policy`, reward each by `scorer` (R_U), pick pairs."""
+    texts = policy.sample_texts(pixels, k, instruction, sampling, seed=seed)
+    image_tokens = policy.encode_images(pixels)
+    rewards = scorer.text_rewards(image_tokens, texts)
+    return Group(
+        "i2t", rewards, select_pairs(rewards, pairing, margin),
+        image_tokens=image_tokens, pixels=pixels, texts=texts, instruction=instruction,
+    )
+
+
+def sequence_logps(model: LMMAdapter, group: Group, samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed policy log-prob and length of the chosen samples (rows of (input, sample) pairs).
+
+    t2i: log pi(image tokens | prompt), no CFG. i2t: log pi(text + end-of-sequence | image).
+    """
+    rows, cols = samples[:, 0].tolist(), samples[:, 1].tolist()
+    if group.direction == "t2i":
+        tokens = group.image_tokens[samples[:, 0], samples[:, 1]]
+        logps = model.image_logprobs([group.prompts[r] for r in rows], tokens).sum(-1)
+        return logps, torch.full_like(logps, float(tokens.shape[1]))
+    texts = [group.texts[r][c] for r, c in zip(rows, cols)]
+    logps, mask = model.text_logprobs(group.pixels[samples[:, 0]], texts, group.instruction, eos=True)
+    return logps.sum(-1), mask.sum(-1).float()

@@ -20,7 +20,7 @@ def _fit_args(tmp_path, tiny_folder, *extra):
         "fit",
         "--config", CONF,
         f"--model.init_args.model.init_args.path={tiny_folder}",
-        "--data.init_args.prompts_per_step=2",
+        "--data.init_args.inputs_per_step=2",
         "--data.init_args.k=3",
         "--data.init_args.progress=false",
         "--trainer.max_steps=2",
@@ -46,9 +46,9 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
     assert len(rollouts) >= 4  # 2 steps x 2 prompts (plus Lightning's one-batch prefetch)
     first = rollouts[0]
     assert len(first["image_tokens"]) == 3 and len(first["rewards"]) == 3
-    if first["chosen"] is not None:
-        assert first["rewards"][first["chosen"]] == max(first["rewards"])
-        assert first["rewards"][first["rejected"]] == min(first["rewards"])
+    for chosen, rejected in first["pairs"]:  # best vs worst
+        assert first["rewards"][chosen] == max(first["rewards"])
+        assert first["rewards"][rejected] == min(first["rewards"])
 
     # the rollout's reward is the one a fresh scorer on the initial model computes for those tokens
     from dualfw.models.janus import JanusAdapter
@@ -61,8 +61,8 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
 
     with open(run / "metrics.csv") as f:
         columns = set(next(csv.reader(f)))
-    for key in ("train/loss", "train/pair_accuracy", "reward/margin", "reward/mean", "reward/std",
-                "train/logp_chosen", "train/logp_rejected", "train/grad_norm", "data/skipped_inputs"):
+    for key in ("train/loss", "t2i/pair_accuracy", "t2i/reward/margin", "t2i/reward/mean", "t2i/reward/std",
+                "t2i/logp_chosen", "t2i/logp_rejected", "train/grad_norm", "t2i/grad_norm", "t2i/data/skipped_inputs"):
         assert key in columns, key
 
     # re-run into the same folder from the last checkpoint: no abort on the saved config, continues
@@ -73,11 +73,11 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
 
 def test_configs_compose_and_interpolate(tmp_path, tiny_folder, capsys):
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("data:\n  init_args:\n    k: 5\n    prompts_per_step: ${data.init_args.k}\n")
+    overlay.write_text("data:\n  init_args:\n    k: 5\n    inputs_per_step: ${data.init_args.k}\n")
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", CONF, "--config", str(overlay), "--print_config"])
     printed = capsys.readouterr().out
-    assert "k: 5" in printed and "prompts_per_step: 5" in printed
+    assert "k: 5" in printed and "inputs_per_step: 5" in printed
 
 
 def _run(*args, cwd=ROOT):

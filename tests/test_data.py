@@ -8,7 +8,7 @@ import torch
 from dualfw.data.prompts import read_prompts
 from dualfw.data.rollouts import RolloutWriter, read_rollouts
 from dualfw.errors import ConfigError, MissingFileError
-from dualfw.selfreward import best_vs_worst
+from dualfw.selfreward import select_pairs
 
 
 def test_plain_text_prompts_skip_blank_lines(tmp_path):
@@ -65,10 +65,21 @@ def test_rollouts_written_then_read_back(tmp_path):
 
 def test_best_vs_worst_pairs_and_margin():
     rewards = torch.tensor([[0.1, 0.5, -0.3, 0.2], [1.0, 1.0, 1.0, 1.0], [0.0, 0.05, 0.02, 0.01]])
-    chosen, rejected, keep = best_vs_worst(rewards, margin=0.1)
-    assert chosen[0] == 1 and rejected[0] == 2 and keep.tolist() == [True, False, False]
-    _, _, keep0 = best_vs_worst(rewards, margin=0.0)
-    assert keep0.tolist() == [True, False, True]  # equal rewards never pair
+    assert select_pairs(rewards, "best_worst", margin=0.1).tolist() == [[0, 1, 2]]
+    # equal rewards never pair
+    assert select_pairs(rewards, "best_worst", margin=0.0).tolist() == [[0, 1, 2], [2, 1, 0]]
+
+
+def test_all_pairs_and_top_bottom_pairs():
+    rewards = torch.tensor([[0.4, 0.1, 0.3, 0.2]])
+    every = select_pairs(rewards, "all", margin=0.0)
+    expected = {(0, i, j) for i in range(4) for j in range(4) if rewards[0, i] > rewards[0, j]}
+    assert set(map(tuple, every.tolist())) == expected and len(expected) == 6
+    assert set(map(tuple, select_pairs(rewards, "all", margin=0.15).tolist())) == {(0, 0, 1), (0, 0, 3), (0, 2, 1)}
+    # top-2 vs bottom-2: best (0) vs worst (1), second best (2) vs second worst (3)
+    assert select_pairs(rewards, "top_bottom", top_k=2).tolist() == [[0, 0, 1], [0, 2, 3]]
+    with pytest.raises(ConfigError, match="unknown pairing"):
+        select_pairs(rewards, "random")
 
 
 def test_k_below_two_is_rejected(tmp_path):

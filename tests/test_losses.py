@@ -59,15 +59,24 @@ def _policy(tiny_folder, loss):
 
 def _fixed_pairs(policy):
     from dualfw.models.base import ImageSampling
+    from dualfw.selfreward import Group
 
     prompts = ["a red circle", "two blue squares"]
     tokens = policy.model.sample_images(prompts, k=2, sampling=ImageSampling(), seed=3)
-    return {"prompts": prompts, "chosen": tokens[:, 0], "rejected": tokens[:, 1]}
+    pairs = torch.tensor([[0, 0, 1], [1, 0, 1]])
+    return Group("t2i", torch.tensor([[1.0, 0.0], [1.0, 0.0]]), pairs, prompts=prompts, image_tokens=tokens)
 
 
-def _margin(policy, batch):
+def _margin(policy, group):
+    from dualfw.selfreward import sequence_logps
+
     with torch.no_grad():
-        pairs = policy.pair_logps(batch)
+        n = len(group.pairs)
+        logps, lengths = sequence_logps(policy.model, group, torch.cat([group.pairs[:, [0, 1]], group.pairs[:, [0, 2]]]))
+        pairs = PairLogps(logps[:n], logps[n:], lengths[:n], lengths[n:])
+        if policy.reference is not None:
+            ref, _ = policy.reference.sequence_logps(group, torch.cat([group.pairs[:, [0, 1]], group.pairs[:, [0, 2]]]))
+            pairs.ref_chosen, pairs.ref_rejected = ref[:n], ref[n:]
         return policy.loss.implicit_margin(pairs).mean().item()
 
 
@@ -79,7 +88,7 @@ def test_a_few_optimizer_steps_raise_the_chosen_vs_rejected_margin(tiny_folder):
         before = _margin(policy, batch)
         losses = []
         for _ in range(5):
-            value = policy.loss(policy.pair_logps(batch)).mean()
+            value, _ = policy.direction_loss(batch)
             optimizer.zero_grad()
             value.backward()
             optimizer.step()

@@ -1,23 +1,31 @@
-"""The DataModule that samples on the fly: prompts in, preference pairs out.
+"""The DataModule that samples on the fly: prompts and/or images in, scored groups and pairs out.
 
 Each training batch is made when Lightning asks for it: the current policy samples K images per
-prompt, the DualScorer rewards them, best and worst form a pair, and every rollout is appended to
-`<run folder>/rollouts.jsonl` before the batch is yielded. Lightning fetches one batch ahead, so a
-batch is sampled by the policy as it was one optimizer step earlier.
+prompt (t2i) and/or K descriptions per image (i2t), the DualScorer rewards them, pairs are drawn,
+and every rollout is appended to `<run folder>/rollouts.jsonl` before the batch is yielded.
+Lightning fetches one batch ahead, so a batch is sampled by the policy as it was one optimizer
+step earlier.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
+from dualfw.data.images import list_images, load_image
 from dualfw.data.prompts import read_prompts
-from dualfw.errors import ConfigError
 from dualfw.data.rollouts import RolloutWriter
-from dualfw.models.base import ImageSampling
-from dualfw.selfreward import Rollout, rollout_t2i
+from dualfw.errors import ConfigError
+from dualfw.models.base import ImageSampling, TextSampling
+from dualfw.selfreward import PAIRINGS, Group, Pairing, rollout_i2t, rollout_t2i
+
+Schedule = Literal["t2i", "i2t", "joint", "alternate"]
+SCHEDULES = ("t2i", "i2t", "joint", "alternate")
 
 
 def run_folder(trainer: L.Trainer) -> Path:
@@ -25,12 +33,22 @@ def run_folder(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def directions_at(schedule: str, step: int, alternate_every: int) -> tuple[str, ...]:
+    """Which directions are sampled at sampling round `step`: t2i, i2t, both (joint), or
+    t2i for `alternate_every` rounds then i2t for as many (alternate)."""
+    if schedule == "joint":
+        return ("t2i", "i2t")
+    if schedule == "alternate":
+        return ("t2i",) if (step // alternate_every) % 2 == 0 else ("i2t",)
+    return (schedule,)
+
+
 class SelfRewardStream:
     """An iterable over training batches; stateful, so a resumed run continues where it stopped."""
 
     def __init__(self, dm: "SelfRewardDataModule") -> None:
         self.dm = dm
-        self.epoch, self.position = 0, 0  # position: index of the next prompt chunk in this epoch
+        self.epoch, self.position = 0, 0  # position: sampling round within this epoch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -38,119 +56,181 @@ class SelfRewardStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
 
-    def _order(self, epoch: int) -> list[int]:
-        n = len(self.dm.records)
-        if not self.dm.shuffle:
-            return list(range(n))
-        return np.random.default_rng([self.dm.seed, epoch]).permutation(n).tolist()
+    def _chunk(self, n: int, epoch: int, index: int) -> list[int]:
+        """Input indices of round `index` of an epoch (inputs cycle when a direction has fewer)."""
+        size = self.dm.inputs_per_step
+        order = np.random.default_rng([self.dm.seed, epoch]).permutation(n) if self.dm.shuffle else np.arange(n)
+        return [int(order[(index * size + j) % n]) for j in range(min(size, n))]
+
+    def rounds_per_epoch(self) -> int:
+        dm = self.dm
+        longest = max(len(dm.records) if dm.records else 0, len(dm.image_files) if dm.image_files else 0)
+        return -(-longest // dm.inputs_per_step)
 
     def __iter__(self):
         dm, trainer = self.dm, self.dm.trainer
         policy = trainer.lightning_module
-        order = self._order(self.epoch)
-        size = dm.prompts_per_step
-        chunks = [order[i : i + size] for i in range(0, len(order), size)]
         rank, world = trainer.global_rank, trainer.world_size
-        while self.position < len(chunks):
+        while self.position < self.rounds_per_epoch():
             index = self.position
             self.position += 1
             if index % world != rank:
                 continue
-            records = [dm.records[i] for i in chunks[index]]
+            step = self.epoch * self.rounds_per_epoch() + index
             seed = int(np.random.SeedSequence([dm.seed, self.epoch, index]).generate_state(1)[0])
             was_training = policy.training
             policy.eval()
-            rollout = rollout_t2i(
-                policy.model, policy.scorer, [r["prompt"] for r in records], dm.k, dm.sampling,
-                margin=dm.margin, seed=seed, progress=dm.progress,
-            )
+            batch = {}
+            for direction in directions_at(dm.schedule, step, dm.alternate_every):
+                group = dm.sample(direction, policy, self._chunk, self.epoch, index, seed)
+                if group is not None:
+                    dm.record(group, seed, epoch=self.epoch, step=trainer.global_step)
+                    if len(group.pairs) or dm.keep_unpaired:
+                        batch[direction] = group
             policy.train(was_training)
-            dm.record(rollout, records, seed, epoch=self.epoch, step=trainer.global_step)
-            batch = rollout.pairs()
-            if not batch["prompts"]:
-                continue
-            rewards = rollout.rewards.float()
-            batch.update(
-                reward_mean=rewards.mean(), reward_std=rewards.std(), skipped=float((~rollout.keep).sum())
-            )
-            yield batch
+            if batch:
+                batch["stats"] = {"unreadable_images": float(len(dm.skipped_images))}
+                yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
 
 class SelfRewardDataModule(L.LightningDataModule):
-    """Prompts -> K sampled images each -> self-rewards -> best-vs-worst pairs, sampled on the fly.
+    """Inputs -> K samples each -> dual self-rewards -> pairs, sampled on the fly.
 
     Args:
-        prompts: prompt file: JSON lines with a "prompt" field (GenEval metadata works as is) or
-            plain text, one prompt a line; "dualfw:..." names a file shipped in the package.
-        prompts_per_step: prompts sampled for one training batch.
-        k: images sampled per prompt (>= 2).
-        sampling: guidance scale, temperature, top-k, top-p of the sampler.
-        margin: inputs whose reward spread (best - worst) is not above this are skipped.
-        seed: seeds the prompt order and every sampling round (a round's seed is in its rollout).
-        shuffle: shuffle the prompts each epoch.
-        progress: show a progress bar while sampling.
+        prompts: prompt file for text-to-image: JSON lines with a "prompt" field (GenEval metadata
+            works as is) or plain text, one prompt a line; "dualfw:..." names a packaged file.
+        images: images for image-to-text: a folder, or a JSON-lines file with "image" / "path"
+            fields. No captions needed.
+        schedule: "t2i", "i2t", "joint" (both every step) or "alternate" (switch every
+            `alternate_every` sampling rounds).
+        alternate_every: rounds per direction for the alternate schedule.
+        inputs_per_step: prompts (and images) sampled for one training batch.
+        k: samples per input (>= 2).
+        sampling: image sampler settings (guidance scale, temperature, top-k, top-p).
+        text_sampling: description sampler settings (temperature, top-p, max new tokens).
+        instruction: the user turn asking for a description in the i2t direction.
+        pairing: "best_worst" (paper), "all" pairs, or "top_bottom" (top-k vs bottom-k).
+        top_k: pairs per input for top_bottom.
+        margin: a pair needs a reward difference above this; inputs without a pair are skipped.
+        seed: seeds the input order and every sampling round (a round's seed is in its rollout).
+        shuffle: shuffle the inputs each epoch.
+        progress: show a progress bar while sampling images.
     """
 
     def __init__(
         self,
-        prompts: str,
-        prompts_per_step: int = 4,
+        prompts: str | None = None,
+        images: str | None = None,
+        schedule: Schedule = "t2i",
+        alternate_every: int = 1,
+        inputs_per_step: int = 4,
         k: int = 8,
         sampling: ImageSampling = ImageSampling(),
+        text_sampling: TextSampling = TextSampling(),
+        instruction: str = "Describe this image.",
+        pairing: Pairing = "best_worst",
+        top_k: int = 2,
         margin: float = 0.0,
         seed: int = 0,
         shuffle: bool = True,
         progress: bool = True,
     ) -> None:
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"data.schedule {schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"data.pairing {pairing!r} is unknown: choose one of {', '.join(PAIRINGS)}")
         if k < 2:
             raise ConfigError(f"data.k must be at least 2 to form a preference pair, got {k}")
-        if prompts_per_step < 1:
-            raise ConfigError(f"data.prompts_per_step must be at least 1, got {prompts_per_step}")
-        self.prompts, self.prompts_per_step, self.k = prompts, prompts_per_step, k
-        self.sampling, self.margin, self.seed, self.shuffle, self.progress = sampling, margin, seed, shuffle, progress
-        self.records: list[dict] = read_prompts(prompts)  # read now: a bad file fails before any model loads
+        if inputs_per_step < 1 or alternate_every < 1:
+            raise ConfigError("data.inputs_per_step and data.alternate_every must be at least 1")
+        needs = set(directions_at(schedule, 0, 1)) | set(directions_at(schedule, alternate_every, alternate_every))
+        if "t2i" in needs and prompts is None:
+            raise ConfigError(f"data.prompts is required for schedule {schedule!r}")
+        if "i2t" in needs and images is None:
+            raise ConfigError(f"data.images is required for schedule {schedule!r}")
+        self.schedule, self.alternate_every, self.inputs_per_step, self.k = schedule, alternate_every, inputs_per_step, k
+        self.sampling, self.text_sampling, self.instruction = sampling, text_sampling, instruction
+        self.pairing, self.top_k, self.margin = pairing, top_k, margin
+        self.seed, self.shuffle, self.progress = seed, shuffle, progress
+        self.keep_unpaired = False  # set by the Policy for group losses (GRPO): they use every sample
+        # read now: a bad file fails before any model loads
+        self.records: list[dict] = read_prompts(prompts) if "t2i" in needs else []
+        self.image_files: list[Path] = list_images(images) if "i2t" in needs else []
+        self.skipped_images: set[Path] = set()
         self._writer: RolloutWriter | None = None
         self._stream: SelfRewardStream | None = None
+
+    def setup(self, stage: str) -> None:
+        policy = self.trainer.lightning_module
+        self.keep_unpaired = bool(getattr(getattr(policy, "loss", None), "over_groups", False))
 
     def train_dataloader(self) -> SelfRewardStream:
         if self._stream is None:
             self._stream = SelfRewardStream(self)
         return self._stream
 
+    def test_dataloader(self) -> list[int]:
+        """One placeholder batch, so that `dualfw test` runs Lightning's test loop; the evaluation
+        callbacks (dualfw.eval.callbacks) read their own prompt and question files."""
+        return [0]
+
+    def sample(self, direction: str, policy, chunk, epoch: int, index: int, seed: int) -> Group | None:
+        """One sampling round of `direction` with the current policy."""
+        if direction == "t2i":
+            records = [self.records[i] for i in chunk(len(self.records), epoch, index)]
+            group = rollout_t2i(
+                policy.model, policy.scorer, [r["prompt"] for r in records], self.k, self.sampling,
+                pairing=self.pairing, margin=self.margin, seed=seed, progress=self.progress,
+            )
+            group.meta = [{key: v for key, v in r.items() if key != "prompt"} for r in records]
+            return group
+        files = [self.image_files[i] for i in chunk(len(self.image_files), epoch, index)]
+        images = []
+        for file in files:
+            image = load_image(file, policy.model.image_size)
+            if image is None:
+                self.skipped_images.add(file)
+            else:
+                images.append((file, image))
+        if not images:
+            return None
+        pixels = torch.stack([image for _, image in images]).to(policy.device)
+        group = rollout_i2t(
+            policy.model, policy.scorer, pixels, self.k, self.text_sampling, self.instruction,
+            pairing=self.pairing, margin=self.margin, seed=seed,
+        )
+        group.meta = [{"image": str(file)} for file, _ in images]
+        return group
+
     @property
     def rollouts_path(self) -> Path:
         return run_folder(self.trainer) / "rollouts.jsonl"
 
-    def record(self, rollout: Rollout, records: list[dict], seed: int, epoch: int, step: int) -> None:
-        """Append one line per input of `rollout` to the run's rollouts file (see dualfw.data.rollouts)."""
-        if self.trainer.global_rank != 0 and self.trainer.world_size > 1:
-            path = self.rollouts_path.with_name(f"rollouts.rank{self.trainer.global_rank}.jsonl")
-        else:
-            path = self.rollouts_path
+    def record(self, group: Group, seed: int, epoch: int, step: int) -> None:
+        """Append one line per input of `group` to the run's rollouts file (see dualfw.data.rollouts)."""
+        path = self.rollouts_path
+        if self.trainer.world_size > 1:
+            path = path.with_name(f"rollouts.rank{self.trainer.global_rank}.jsonl")
         if self._writer is None or self._writer.path != path:
             self._writer = RolloutWriter(path)
-        tokens, rewards = rollout.tokens.tolist(), rollout.rewards.tolist()
-        for i, rec in enumerate(records):
-            kept = bool(rollout.keep[i])
-            self._writer.write(
-                {
-                    "direction": "t2i",
-                    "step": step,
-                    "epoch": epoch,
-                    "seed": seed,
-                    "prompt": rec["prompt"],
-                    "meta": {key: value for key, value in rec.items() if key != "prompt"},
-                    "image_tokens": tokens[i],
-                    "rewards": rewards[i],
-                    "chosen": int(rollout.chosen[i]) if kept else None,
-                    "rejected": int(rollout.rejected[i]) if kept else None,
-                }
+        rewards = group.rewards.tolist()
+        pairs = group.pairs.tolist()
+        for i in range(len(rewards)):
+            line = {"direction": group.direction, "step": step, "epoch": epoch, "seed": seed}
+            if group.direction == "t2i":
+                line.update(prompt=group.prompts[i], image_tokens=group.image_tokens[i].tolist())
+            else:
+                line.update(image_tokens=group.image_tokens[i].tolist(), texts=group.texts[i])
+            line.update(
+                meta=group.meta[i], rewards=rewards[i], pairs=[[c, r] for row, c, r in pairs if row == i]
             )
+            self._writer.write(line)
 
     def teardown(self, stage: str) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
+        if self.skipped_images:
+            rank_zero_warn(f"{len(self.skipped_images)} unreadable images were skipped (see the warnings for their paths)")

@@ -82,11 +82,12 @@ class LMMAdapter(nn.Module, ABC):
 
     @abstractmethod
     def text_logprobs(
-        self, pixels: torch.Tensor, texts: list[str], instruction: str
+        self, pixels: torch.Tensor | None, texts: list[str], instruction: str, eos: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log p(text | image) with `instruction` as the user turn and `texts[i]` as the
-        assistant answer about `pixels[i]`. Returns (logps, mask), both (n, T_max); mask marks
-        the answer's tokens."""
+        assistant answer about `pixels[i]` (no image in the prompt when `pixels` is None). With
+        `eos` the end-of-sequence token after each text is scored too. Returns (logps, mask), both
+        (n, T_max); mask marks the scored tokens, logps is 0 elsewhere."""
 
     def sample_texts(
         self,
@@ -98,6 +99,10 @@ class LMMAdapter(nn.Module, ABC):
     ) -> list[list[str]]:
         """Sample `k` descriptions per image (understanding direction)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement the understanding direction yet")
+
+    def save_pretrained(self, folder) -> "Path":
+        """Save weights and processing files where the model's own library loads them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export yet")
 
     @property
     def device(self) -> torch.device:

@@ -26,7 +26,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def check_janus_folder(path: str | Path) -> Path:
     """Fail early, naming the folder, when it does not hold a transformers Janus checkpoint."""
-    folder = Path(path).expanduser()
+    from dualfw.data.prompts import resolve_path  # "dualfw:assets/shapes_base" = the shipped base model
+
+    folder = resolve_path(path)
     if not folder.is_dir():
         raise MissingFileError(f"model folder '{folder}' does not exist (set model.init_args.model.init_args.path to a local checkpoint folder)")
     config_file = folder / "config.json"
@@ -56,7 +58,6 @@ class JanusAdapter(LMMAdapter):
             tokenizer and processor files). None builds a random tiny Janus from `tiny`.
         tiny: sizes of the tiny Janus built when `path` is None.
         dtype: weight dtype: float32, bfloat16 or float16. Log-probs are always float32.
-        include_eos: score the end-of-sequence token after a text as part of log p(text | image).
     """
 
     def __init__(
@@ -64,7 +65,6 @@ class JanusAdapter(LMMAdapter):
         path: str | None = None,
         tiny: TinyJanusSpec | None = None,
         dtype: str = "float32",
-        include_eos: bool = False,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
@@ -82,7 +82,6 @@ class JanusAdapter(LMMAdapter):
             processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
         self.model = model
         self.processor = processor
-        self.include_eos = include_eos
         tok = processor.tokenizer
         self.bos_id, self.pad_id, self.eos_id = tok.bos_token_id, tok.pad_token_id, tok.eos_token_id
         self.boi_id = tok.convert_tokens_to_ids(tok.boi_token)
@@ -92,6 +91,14 @@ class JanusAdapter(LMMAdapter):
         if processor.num_image_tokens != self.num_image_tokens:
             # JanusProcessor defaults to 576 placeholders; a mismatch breaks every understanding prompt.
             processor.num_image_tokens = self.num_image_tokens
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Weights (safetensors), config, tokenizer and processor: a folder that
+        JanusForConditionalGeneration / JanusProcessor.from_pretrained and JanusAdapter(path=...) load."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        return folder
 
     # ---- prompts -------------------------------------------------------------------------------
     def generation_inputs(self, prompts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -105,12 +112,14 @@ class JanusAdapter(LMMAdapter):
         enc = self.processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def understanding_prefix_ids(self, instruction: str) -> list[int]:
-        """Token ids of the user turn holding the image and `instruction`, up to "<|Assistant|>:"."""
+    def understanding_prefix_ids(self, instruction: str, image: bool = True) -> list[int]:
+        """Token ids of the user turn holding the image (unless `image` is False) and `instruction`,
+        up to "<|Assistant|>:"."""
         from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
+        content = [{"type": "image"}] if image else []
         text = self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}],
+            [{"role": "user", "content": content + [{"type": "text", "text": instruction}]}],
             add_generation_prompt=True,
         )
         if self.processor.use_default_system_prompt:
@@ -123,7 +132,6 @@ class JanusAdapter(LMMAdapter):
     def _embed_image_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
         return self.model.prepare_embeddings_for_image_generation(tokens)
 
-    @torch.no_grad()
     def sample_images(
         self,
         prompts: list[str],
@@ -131,6 +139,13 @@ class JanusAdapter(LMMAdapter):
         sampling: ImageSampling = ImageSampling(),
         seed: int | None = None,
         progress: bool = False,
+    ) -> torch.LongTensor:
+        with torch.inference_mode():  # cheaper per op than no_grad: no version counters or view tracking
+            tokens = self._sample_tokens(prompts, k, sampling, seed, progress)
+        return tokens.clone()  # a normal tensor: inference tensors cannot enter autograd later
+
+    def _sample_tokens(
+        self, prompts: list[str], k: int, sampling: ImageSampling, seed: int | None, progress: bool
     ) -> torch.LongTensor:
         from transformers import Cache, DynamicCache
 
@@ -144,17 +159,20 @@ class JanusAdapter(LMMAdapter):
         prefix, length = ids.shape[1], ids.shape[1] + n_tokens - 1  # the last image token is never fed back
 
         # The prefix runs once per row (2B rows with CFG); its keys and values are then repeated k
-        # times, prompt-major, into preallocated buffers that every step writes in place.
+        # times, prompt-major, into buffers preallocated for the whole generation (_SlotLayer).
         prefill = DynamicCache(config=self.model.config.text_config)
         out = lm(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask, cache=prefill, use_cache=True)
         hidden = out.last_hidden_state[:, -1].repeat_interleave(k, 0)
         cache = Cache(layers=[_SlotLayer(layer.keys, layer.values, k, length) for layer in prefill.layers])
         del prefill
-        # What each step may attend to, built once as the 4-D mask attention takes as is (no per-step
-        # mask building): the prompt's non-pad tokens, then one more slot per step, opened in place.
-        visible = torch.zeros(hidden.shape[0], 1, 1, length, dtype=torch.bool, device=ids.device)
-        visible[:, 0, 0, :prefix] = mask.bool().repeat_interleave(k, 0)
-        positions = torch.arange(prefix, length, device=ids.device).view(-1, 1, 1)  # as transformers: pads count
+        # Built once instead of at every step: the additive attention mask (0 where a row may look:
+        # its non-pad prompt tokens, then one more slot opened per step; -inf elsewhere: what
+        # attention turns a boolean mask into), and rotary cos/sin for every decoding position
+        # (as in transformers, positions count the left padding).
+        bias = torch.full((hidden.shape[0], 1, 1, length), float("-inf"), dtype=hidden.dtype, device=ids.device)
+        bias[:, 0, 0, :prefix].masked_fill_(mask.bool().repeat_interleave(k, 0), 0.0)
+        positions = torch.arange(prefix, length, device=ids.device)[None]
+        cos, sin = lm.rotary_emb(hidden, position_ids=positions)
 
         sample = _token_sampler(sampling, seed, ids.device)
         tokens = torch.empty(n_prompts * k, n_tokens, dtype=torch.long, device=ids.device)
@@ -165,17 +183,17 @@ class JanusAdapter(LMMAdapter):
                 logits = uncond + sampling.guidance_scale * (cond - uncond)
             tokens[:, i] = next_token = sample(logits)
             if i == n_tokens - 1:
-                break  # transformers runs the model once more here; the result is never used
-            visible[..., prefix + i] = True
+                break  # transformers runs the model once more here, for nothing
+            bias[..., prefix + i] = 0.0
             step = next_token.repeat(2) if cfg else next_token
-            out = lm(
-                inputs_embeds=self._embed_image_tokens(step[:, None]),
-                attention_mask=visible[..., : prefix + i + 1],
-                position_ids=positions[i],
-                cache=cache,
-                use_cache=True,
-            )
-            hidden = out.last_hidden_state[:, -1]
+            hidden = _decode_step(
+                lm,
+                self._embed_image_tokens(step[:, None]),
+                bias[..., : prefix + i + 1],
+                positions[:, i : i + 1],
+                (cos[:, i : i + 1], sin[:, i : i + 1]),
+                cache,
+            )[:, -1]
         return tokens.view(n_prompts, k, n_tokens)
 
     def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor) -> torch.Tensor:
@@ -215,12 +233,12 @@ class JanusAdapter(LMMAdapter):
 
     # ---- understanding direction -----------------------------------------------------------------
     def text_logprobs(
-        self, pixels: torch.Tensor, texts: list[str], instruction: str
+        self, pixels: torch.Tensor | None, texts: list[str], instruction: str, eos: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.processor.tokenizer
-        prefix = self.understanding_prefix_ids(instruction)
-        answers = [tok(" " + t.strip(), add_special_tokens=False).input_ids for t in texts]
-        if self.include_eos:
+        prefix = self.understanding_prefix_ids(instruction, image=pixels is not None)
+        answers = [tok(" " + t.strip(), add_special_tokens=False).input_ids if t.strip() else [] for t in texts]
+        if eos:
             answers = [a + [self.eos_id] for a in answers]
         if any(len(a) == 0 for a in answers):
             raise ValueError("cannot score an empty text")
@@ -233,9 +251,8 @@ class JanusAdapter(LMMAdapter):
             attn[i, : len(prefix) + len(a)] = 1
             answer_mask[i, : len(a)] = True
         ids, attn, answer_mask = ids.to(self.device), attn.to(self.device), answer_mask.to(self.device)
-        hidden = self.model.model(
-            input_ids=ids, pixel_values=self.understanding_pixels(pixels), attention_mask=attn
-        ).last_hidden_state
+        pixel_values = None if pixels is None else self.understanding_pixels(pixels)
+        hidden = self.model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=attn).last_hidden_state
         # position t predicts token t + 1: the answer is predicted from len(prefix) - 1 on
         logits = self.model.lm_head(hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]).float()
         logps = logits.log_softmax(-1).gather(-1, ids[:, len(prefix) :, None]).squeeze(-1)
@@ -269,7 +286,8 @@ class JanusAdapter(LMMAdapter):
                 torch.manual_seed(seed)
             # a fresh config: the checkpoint's carries image-generation settings (guidance_scale)
             config = GenerationConfig(
-                max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                max_new_tokens=sampling.max_new_tokens, max_length=len(prefix) + sampling.max_new_tokens,
+                eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                 bos_token_id=self.bos_id, **options,
             )
             out = self.model.generate(
@@ -301,6 +319,22 @@ def _token_sampler(sampling: ImageSampling, seed: int | None, device: torch.devi
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
     return sample
+
+
+def _decode_step(lm, embeds, bias, positions, rope, cache) -> torch.Tensor:
+    """One new token per row through the language model; returns its final hidden states.
+
+    For a Llama text model this is LlamaModel.forward's layer loop without what that rebuilds at
+    every call (position ids, mask preprocessing, rotary cos/sin, a sliced ModuleList, the output
+    dataclass): the sampler builds `bias` and `rope` once. Same modules, same arguments to each
+    decoder layer, so the same numbers. Any other text model goes through its own forward.
+    """
+    if type(lm).__name__ != "LlamaModel":
+        return lm(inputs_embeds=embeds, attention_mask=bias, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+    hidden = embeds
+    for layer in lm.layers:
+        hidden = layer(hidden, attention_mask=bias, position_embeddings=rope, position_ids=positions, cache=cache, use_cache=True)
+    return lm.norm(hidden)
 
 
 class _SlotLayer(DynamicLayer):

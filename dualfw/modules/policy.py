@@ -1,31 +1,56 @@
-"""The Policy: the trainable model, its optimizer and scheduler, and the preference loss."""
+"""The Policy: the trainable model, its optimizer and scheduler, the loss, and the diagnostics."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 
+from dualfw.errors import ConfigError
 from dualfw.losses import PairLogps, PreferenceLoss, SimPO
 from dualfw.models.base import LMMAdapter
 from dualfw.modules.reference import Reference
 from dualfw.modules.scorer import DualScorer
+from dualfw.selfreward import Group, sequence_logps
 
 
 def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
 
+@dataclass
+class LoraSpec:
+    """LoRA through peft. The Reference (and a frozen scorer) then reuse the policy with its
+    adapters disabled instead of holding a second copy of the model."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
 class Policy(L.LightningModule):
-    """Trains a unified LMM on the preference pairs its own DualScorer picked.
+    """Trains a unified LMM on the samples its own DualScorer rewarded, in one or both directions.
 
     Args:
-        model: the LMM adapter (e.g. dualfw.models.JanusAdapter).
-        loss: the preference loss (dualfw.losses.SimPO, dualfw.losses.DPO).
+        model: the LMM adapter (e.g. dualfw.JanusAdapter).
+        loss: dualfw.SimPO (default), dualfw.DPO, dualfw.IPO (pairs) or dualfw.GRPO (groups).
         scorer: how samples are self-rewarded.
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
-        scheduler: optional learning-rate scheduler factory.
+        scheduler: optional learning-rate scheduler factory (stepped every optimizer step).
+        lora: train LoRA adapters instead of all weights.
+        direction_weights: weight of each direction's loss when both are in a batch (joint).
+        grad_norm_every_n_steps: log each direction's gradient norm every n steps (an extra
+            backward per direction; image sequences are far longer than text, so the two can be
+            an order of magnitude apart); 0 disables.
+        stall_patience: warn when a pair loss has stayed within `stall_tolerance` of ln 2 (the
+            policy does not separate chosen from rejected) for this many steps; 0 disables.
+        stall_tolerance: see stall_patience.
     """
 
     def __init__(
@@ -35,15 +60,30 @@ class Policy(L.LightningModule):
         scorer: DualScorer | None = None,
         optimizer: OptimizerCallable = _adamw,
         scheduler: LRSchedulerCallable | None = None,
+        lora: LoraSpec | None = None,
+        direction_weights: dict[str, float] | None = None,
+        grad_norm_every_n_steps: int = 10,
+        stall_patience: int = 20,
+        stall_tolerance: float = 0.01,
     ) -> None:
         super().__init__()
         self.model = model
         self.loss = loss if loss is not None else SimPO()
         self.scorer = scorer if scorer is not None else DualScorer()
-        self.scorer.attach(self.model)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        # a list keeps the frozen copy out of checkpoints; it is the initial model, rebuilt on resume
-        self._reference = [Reference(self.model)] if self.loss.needs_reference else []
+        self.direction_weights = {"t2i": 1.0, "i2t": 1.0, **(direction_weights or {})}
+        self.grad_norm_every_n_steps, self.stall_patience, self.stall_tolerance = (
+            grad_norm_every_n_steps, stall_patience, stall_tolerance,
+        )
+        self._stalled_steps = {"t2i": 0, "i2t": 0}
+        self._peft = []  # the PeftModel wraps self.model's weights; a list keeps them from being saved twice
+        initial = None  # how to reach the initial weights: a copy, or the LoRA model with adapters off
+        if lora is not None:
+            self._peft = [_apply_lora(model, lora)]
+            initial = self._peft[0].disable_adapter
+        self.scorer.attach(self.model, initial if self.scorer.frozen else None)
+        # a list keeps a frozen copy out of checkpoints; it is the initial model, rebuilt on resume
+        self._reference = [Reference(self.model, initial)] if self.loss.needs_reference else []
 
     @property
     def reference(self) -> Reference | None:
@@ -51,41 +91,105 @@ class Policy(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # frozen copies live outside the module tree, so Lightning does not move them
-        for frozen in (self.reference, self.scorer.model if self.scorer.frozen else None):
+        for frozen in (self.reference, self.scorer):
             if frozen is not None:
-                frozen.to(self.device)
+                frozen.move_frozen_to(self.device)
 
-    def pair_logps(self, batch: dict) -> PairLogps:
-        """Summed log pi(image | prompt) of the chosen and rejected images (and the Reference's)."""
-        n = len(batch["prompts"])
-        prompts = batch["prompts"] * 2
-        tokens = torch.cat([batch["chosen"], batch["rejected"]])
-        logps = self.model.image_logprobs(prompts, tokens).sum(-1)
-        length = torch.full((n,), float(tokens.shape[1]), device=logps.device)
-        pairs = PairLogps(logps[:n], logps[n:], length, length)
-        if self.reference is not None:
-            ref = self.reference.image_logprobs(prompts, tokens).sum(-1)
-            pairs.ref_chosen, pairs.ref_rejected = ref[:n], ref[n:]
-        return pairs
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        pairs = self.pair_logps(batch)
-        loss = self.loss(pairs).mean()
-        n = len(batch["prompts"])
+    # ---- the loss of one direction -----------------------------------------------------------------
+    def direction_loss(self, group: Group) -> tuple[torch.Tensor | None, dict]:
+        """Loss and statistics of one direction's group of samples."""
+        kept = group.kept
         stats = {
-            "train/loss": loss,
-            "train/pair_accuracy": (self.loss.implicit_margin(pairs) > 0).float().mean(),
-            "train/logp_chosen": (pairs.chosen / pairs.chosen_len).mean(),
-            "train/logp_rejected": (pairs.rejected / pairs.rejected_len).mean(),
-            "reward/margin": (batch["chosen_reward"] - batch["rejected_reward"]).mean(),
-            "reward/mean": batch["reward_mean"],
-            "reward/std": batch["reward_std"],
-            "data/skipped_inputs": batch["skipped"],
-            "data/pairs": float(n),
+            "reward/mean": group.rewards.float().mean(),
+            "reward/std": group.rewards.float().std(),
+            "data/skipped_inputs": float((~kept).sum()),
+            "data/pairs": float(len(group.pairs)),
         }
-        self.log_dict(stats, batch_size=n, prog_bar=False)
-        self.log("loss", loss, batch_size=n, prog_bar=True, logger=False)
-        return loss
+        if len(group.pairs):
+            p = group.pairs
+            stats["reward/margin"] = (group.rewards[p[:, 0], p[:, 1]] - group.rewards[p[:, 0], p[:, 2]]).mean()
+        if self.loss.over_groups:
+            return self._group_loss(group, kept, stats)
+        if not len(group.pairs):
+            return None, stats
+        n = len(group.pairs)
+        samples = torch.cat([group.pairs[:, [0, 1]], group.pairs[:, [0, 2]]])
+        logps, lengths = sequence_logps(self.model, group, samples)
+        pairs = PairLogps(logps[:n], logps[n:], lengths[:n], lengths[n:])
+        if self.reference is not None:
+            ref, _ = self.reference.sequence_logps(group, samples)
+            pairs.ref_chosen, pairs.ref_rejected = ref[:n], ref[n:]
+        loss = self.loss(pairs).mean()
+        stats.update(
+            {
+                "loss": loss.detach(),
+                "pair_accuracy": (self.loss.implicit_margin(pairs) > 0).float().mean(),
+                "logp_chosen": (pairs.chosen / pairs.chosen_len).mean().detach(),
+                "logp_rejected": (pairs.rejected / pairs.rejected_len).mean().detach(),
+            }
+        )
+        return loss, stats
+
+    def _group_loss(self, group: Group, kept: torch.Tensor, stats: dict):
+        rows = kept.nonzero().squeeze(-1)
+        if not len(rows):
+            return None, stats
+        k = group.rewards.shape[1]
+        samples = torch.stack([rows.repeat_interleave(k), torch.arange(k, device=rows.device).repeat(len(rows))], 1)
+        logps, lengths = sequence_logps(self.model, group, samples)
+        per_token = (logps / lengths).view(len(rows), k)
+        ref = None
+        if self.reference is not None:
+            ref_logps, _ = self.reference.sequence_logps(group, samples)
+            ref = (ref_logps / lengths).view(len(rows), k)
+        loss = self.loss.group_loss(per_token, group.rewards[rows].float(), ref).mean()
+        stats.update({"loss": loss.detach(), "logp_mean": per_token.mean().detach()})
+        return loss, stats
+
+    # ---- training ------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        losses = {}
+        for direction in ("t2i", "i2t"):
+            if direction not in batch:
+                continue
+            loss, stats = self.direction_loss(batch[direction])
+            n = max(1, int(stats["data/pairs"]))
+            self.log_dict({f"{direction}/{key}": value for key, value in stats.items()}, batch_size=n)
+            if loss is not None:
+                losses[direction] = loss
+                self._check_stall(direction, loss.item())
+        self.log_dict({f"data/{key}": value for key, value in batch.get("stats", {}).items()})
+        if not losses:
+            return None  # nothing to learn from in this batch (every input skipped)
+        if len(losses) > 1 or self.grad_norm_every_n_steps:
+            self._log_direction_grad_norms(losses)
+        total = sum(self.direction_weights[d] * loss for d, loss in losses.items())
+        self.log("train/loss", total, prog_bar=True)
+        return total
+
+    def _log_direction_grad_norms(self, losses: dict[str, torch.Tensor]) -> None:
+        if not self.grad_norm_every_n_steps or self.global_step % self.grad_norm_every_n_steps:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norms = {}
+        for direction, loss in losses.items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            norms[direction] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            self.log(f"{direction}/grad_norm", norms[direction])
+        if len(norms) == 2:
+            self.log("diagnostics/grad_norm_ratio_t2i_over_i2t", norms["t2i"] / norms["i2t"].clamp(min=1e-12))
+
+    def _check_stall(self, direction: str, loss: float) -> None:
+        if not self.stall_patience or self.loss.over_groups:
+            return
+        near = abs(loss - math.log(2)) < self.stall_tolerance
+        self._stalled_steps[direction] = self._stalled_steps[direction] + 1 if near else 0
+        if self._stalled_steps[direction] == self.stall_patience:
+            rank_zero_warn(
+                f"the {direction} preference loss has stayed within {self.stall_tolerance} of ln 2 for "
+                f"{self.stall_patience} steps: the policy does not separate chosen from rejected. Compare the "
+                f"per-direction grad norms; try the sum reduction, a larger beta or learning rate."
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = grad_norm(self.model, norm_type=2)
@@ -98,3 +202,32 @@ class Policy(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ---- test stage (`dualfw test`) ---------------------------------------------------------------
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Nothing per batch: `dualfw test` evaluates in the callbacks (dualfw.eval.callbacks), at
+        the end of the test epoch. Present so Lightning runs the test loop."""
+        return None
+
+    # ---- export -----------------------------------------------------------------------------------
+    def export_pretrained(self, folder: str | Path) -> Path:
+        """Save the trained policy where transformers loads it (`from_pretrained(folder)`); LoRA
+        adapters are merged into the weights first (the policy stays usable afterwards)."""
+        if self._peft:
+            self._peft.pop().merge_and_unload()  # in place: the adapter's model now holds merged weights
+        return self.model.save_pretrained(folder)
+
+
+def _apply_lora(model: LMMAdapter, spec: LoraSpec):
+    """Inject LoRA layers into the adapter's transformers model in place; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.target_modules))
+    try:
+        return get_peft_model(model.model, config)
+    except ValueError as err:
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"model.init_args.lora.target_modules {list(spec.target_modules)} match no layer of the model "
+            f"(linear layers are named e.g. {', '.join(names[:12])}): {str(err).splitlines()[0]}"
+        ) from None

@@ -1,24 +1,56 @@
-"""The Reference: a frozen copy of the initial policy, for DPO's KL anchor."""
+"""The Reference: the frozen initial policy, for the KL anchors of DPO, IPO and GRPO."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Callable, ContextManager
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from dualfw.models.base import LMMAdapter
+from dualfw.selfreward import Group, sequence_logps
 
 
 class Reference(L.LightningModule):
-    """Frozen initial model. Its weights are not saved in checkpoints: they are the starting point,
-    rebuilt from the policy's own config on resume."""
+    """The initial model, frozen. Either a copy of the policy taken at start-up (its weights are not
+    saved in checkpoints: they are the starting point, rebuilt from the config on resume) or, with
+    LoRA, the policy itself with its adapters disabled (no second copy in memory).
 
-    def __init__(self, model: LMMAdapter) -> None:
+    Args:
+        model: the policy's adapter.
+        initial: a context-manager factory under which `model` computes as the initial model
+            (peft's `disable_adapter`); None takes a frozen copy.
+    """
+
+    def __init__(self, model: LMMAdapter, initial: Callable[[], ContextManager] | None = None) -> None:
         super().__init__()
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if initial is None:
+            self._model = [copy.deepcopy(model).eval().requires_grad_(False)]
+            self._initial = contextlib.nullcontext
+        else:
+            self._model, self._initial = [model], initial
+
+    @property
+    def model(self) -> LMMAdapter:
+        return self._model[0]
+
+    @property
+    def holds_copy(self) -> bool:
+        return self._initial is contextlib.nullcontext
+
+    def move_frozen_to(self, device: torch.device) -> None:
+        if self.holds_copy:
+            self.model.to(device)
 
     @torch.no_grad()
     def image_logprobs(self, prompts: list[str], tokens: Tensor) -> Tensor:
-        return self.model.image_logprobs(prompts, tokens)
+        with self._initial():
+            return self.model.image_logprobs(prompts, tokens)
+
+    @torch.no_grad()
+    def sequence_logps(self, group: Group, samples: Tensor) -> tuple[Tensor, Tensor]:
+        with self._initial():
+            return sequence_logps(self.model, group, samples)

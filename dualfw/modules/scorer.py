@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Literal
+from typing import Callable, ContextManager, Literal
 
 import lightning as L
 import torch
@@ -11,6 +12,8 @@ from torch import Tensor
 
 from dualfw.errors import ConfigError
 from dualfw.models.base import LMMAdapter
+
+Reduction = Literal["mean", "sum"]
 
 
 def reduce_logps(logps: Tensor, mask: Tensor, reduction: str) -> Tensor:
@@ -20,36 +23,59 @@ def reduce_logps(logps: Tensor, mask: Tensor, reduction: str) -> Tensor:
 
 
 class DualScorer(L.LightningModule):
-    """Computes the dual self-reward R_G(y) = (1/|x|) sum_k log pi(x_k | y, x_<k): the likelihood of
-    the prompt x when the model reads the sampled image y.
+    """The dual self-rewards, computed by the model itself (or a frozen copy of it):
+
+        R_G(y) = (1/|x|) sum_k log pi(x_k | y, x_<k)   prompt x given a sampled image y   (t2i)
+        R_U(t) = (1/|v|) sum_k log pi(v_k | t, v_<k)   image tokens v given a description t (i2t)
+
+    With `contrastive` each reward becomes a pointwise mutual information: minus the same
+    likelihood without the conditioning sample (R_G: no image in the prompt; R_U: an empty prompt).
+    That baseline is the same for every sample of one input, so it shifts a group's rewards
+    without reordering them; it matters for the margin filter and for comparing inputs.
 
     Args:
-        reduction: "mean" per token (the paper) or "sum".
-        instruction: the user turn put before the scored prompt, in the model's understanding
-            template ("<|User|>: <image>\\n{instruction}\\n\\n<|Assistant|>: {prompt}").
+        reduction: R_G over the prompt's tokens: "mean" per token (the paper) or "sum".
+        i2t_reduction: R_U over the image's tokens: "mean" (the paper) or "sum".
+        instruction: the user turn put before the scored prompt for R_G, in the model's
+            understanding template ("<|User|>: <image>\\n{instruction}\\n\\n<|Assistant|>: {prompt}").
+        contrastive: use the PMI variant of both rewards.
+        score_eos: include the end-of-sequence token after the prompt in R_G.
         frozen: score with a frozen copy of the initial model instead of the current policy.
         batch_size: candidates scored per forward pass.
     """
 
     def __init__(
         self,
-        reduction: Literal["mean", "sum"] = "mean",
+        reduction: Reduction = "mean",
+        i2t_reduction: Reduction = "mean",
         instruction: str = "Describe this image.",
+        contrastive: bool = False,
+        score_eos: bool = False,
         frozen: bool = False,
         batch_size: int = 32,
     ) -> None:
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ConfigError(f"scorer.reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.reduction, self.instruction, self.frozen, self.batch_size = reduction, instruction, frozen, batch_size
+        for key, value in (("reduction", reduction), ("i2t_reduction", i2t_reduction)):
+            if value not in ("mean", "sum"):
+                raise ConfigError(f"scorer.{key} must be 'mean' or 'sum', got {value!r}")
+        self.reduction, self.i2t_reduction, self.instruction = reduction, i2t_reduction, instruction
+        self.contrastive, self.score_eos, self.frozen, self.batch_size = contrastive, score_eos, frozen, batch_size
         self._model: list[LMMAdapter] = []  # a list keeps the policy's weights out of this module's state
+        self._initial: Callable[[], ContextManager] = contextlib.nullcontext
 
-    def attach(self, policy_model: LMMAdapter) -> None:
-        """Score with `policy_model` itself, or with a frozen copy of it when `frozen`."""
+    def attach(self, policy_model: LMMAdapter, initial: Callable[[], ContextManager] | None = None) -> None:
+        """Score with `policy_model` itself or, when `frozen`, as the initial model: under
+        `initial()` (LoRA adapters disabled) if given, else with a frozen copy."""
+        self._initial = initial or contextlib.nullcontext
         model = policy_model
-        if self.frozen:
+        if self.frozen and initial is None:
             model = copy.deepcopy(policy_model).eval().requires_grad_(False)
         self._model = [model]
+
+    def move_frozen_to(self, device) -> None:
+        """Move a frozen copy (kept outside the module tree) to the policy's device."""
+        if self.frozen and self._initial is contextlib.nullcontext:
+            self.model.to(device)
 
     @property
     def model(self) -> LMMAdapter:
@@ -57,13 +83,53 @@ class DualScorer(L.LightningModule):
             raise RuntimeError("DualScorer has no model: call attach(policy_model) first")
         return self._model[0]
 
+    def _chunks(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield slice(start, start + self.batch_size)
+
+    @torch.no_grad()
+    def prompt_loglik(self, tokens: Tensor | None, prompts: list[str]) -> Tensor:
+        """log pi(prompt | image), reduced; tokens None scores the prompts with no image."""
+        out = []
+        for part in self._chunks(len(prompts)):
+            pixels = None if tokens is None else self.model.decode_images(tokens[part])
+            logps, mask = self.model.text_logprobs(pixels, prompts[part], self.instruction, eos=self.score_eos)
+            out.append(reduce_logps(logps, mask, self.reduction))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def image_loglik(self, tokens: Tensor, texts: list[str]) -> Tensor:
+        """log pi(image tokens | text) through the generation head, reduced; (n,)."""
+        out = []
+        for part in self._chunks(len(texts)):
+            logps = self.model.image_logprobs(texts[part], tokens[part])
+            out.append(reduce_logps(logps, torch.ones_like(logps), self.i2t_reduction))
+        return torch.cat(out)
+
     @torch.no_grad()
     def image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
-        """R_G for each image (as VQ tokens, (n, N)) and the prompt it was sampled for; (n,)."""
-        rewards = []
-        for start in range(0, len(prompts), self.batch_size):
-            part = slice(start, start + self.batch_size)
-            pixels = self.model.decode_images(tokens[part])
-            logps, mask = self.model.text_logprobs(pixels, prompts[part], self.instruction)
-            rewards.append(reduce_logps(logps, mask, self.reduction))
-        return torch.cat(rewards)
+        """R_G for each image (VQ tokens, (n, N)) and the prompt it was sampled for; (n,)."""
+        with self._initial():
+            return self._image_rewards(tokens, prompts)
+
+    def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
+        rewards = self.prompt_loglik(tokens, prompts)
+        if self.contrastive:
+            unique = sorted(set(prompts))
+            baseline = dict(zip(unique, self.prompt_loglik(None, unique).tolist()))
+            rewards = rewards - torch.tensor([baseline[p] for p in prompts], device=rewards.device)
+        return rewards
+
+    @torch.no_grad()
+    def text_rewards(self, image_tokens: Tensor, texts: list[list[str]]) -> Tensor:
+        """R_U for the K descriptions of each real image (image_tokens (B, N)); (B, K)."""
+        with self._initial():
+            return self._text_rewards(image_tokens, texts)
+
+    def _text_rewards(self, image_tokens: Tensor, texts: list[list[str]]) -> Tensor:
+        b, k = len(texts), len(texts[0])
+        flat = [t for row in texts for t in row]
+        rewards = self.image_loglik(image_tokens.repeat_interleave(k, 0), flat).view(b, k)
+        if self.contrastive:
+            rewards = rewards - self.image_loglik(image_tokens, [""] * b)[:, None]
+        return rewards
