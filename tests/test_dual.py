@@ -1,0 +1,234 @@
+"""The understanding direction, the loss and reward family, LoRA and the diagnostics."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from dualfw.errors import ConfigError, MissingFileError
+from dualfw.losses import GRPO, IPO, group_advantages, grpo_loss, ipo_loss
+from dualfw.models.base import TextSampling
+from dualfw.modules.scorer import DualScorer
+
+PIXELS_SEED = 5
+
+
+def _pixels(adapter, n=2):
+    return torch.rand(n, 3, adapter.image_size, adapter.image_size, generator=torch.Generator().manual_seed(PIXELS_SEED))
+
+
+def test_greedy_descriptions_match_transformers_text_generate(tiny_adapter):
+    pixels = _pixels(tiny_adapter)
+    ours = tiny_adapter.sample_texts(pixels, k=2, instruction="Describe this image.", sampling=TextSampling(temperature=0, max_new_tokens=10))
+    prompt = tiny_adapter.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
+        add_generation_prompt=True,
+    )
+    for i in range(2):
+        enc = tiny_adapter.processor(text=prompt, images=(pixels[i] * 255).round().to(torch.uint8), return_tensors="pt")
+        config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=tiny_adapter.eos_id, pad_token_id=tiny_adapter.pad_id)
+        out = tiny_adapter.model.generate(**enc, generation_config=config, generation_mode="text")
+        text = tiny_adapter.processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert ours[i] == [text, text]
+
+
+def test_text_reward_is_teacher_forced_image_likelihood(tiny_adapter):
+    from test_janus_parity import _all_logprobs  # the no-cache, one-position-at-a-time reference
+
+    pixels = _pixels(tiny_adapter, 1)
+    texts = [["a red circle", "two squares"]]
+    scorer = DualScorer(i2t_reduction="mean")
+    scorer.attach(tiny_adapter)
+    rewards = scorer.text_rewards(tiny_adapter.encode_images(pixels), texts)
+    tokens = tiny_adapter.encode_images(pixels)[0]
+    for j, text in enumerate(texts[0]):
+        reference = _all_logprobs(tiny_adapter, text, tokens).gather(-1, tokens[:, None]).mean()
+        assert torch.allclose(rewards[0, j], reference, atol=1e-5)
+
+
+def test_pmi_rewards_equal_their_two_terms(tiny_adapter):
+    pixels = _pixels(tiny_adapter, 2)
+    image_tokens = tiny_adapter.encode_images(pixels)
+    plain, pmi = DualScorer(), DualScorer(contrastive=True)
+    plain.attach(tiny_adapter)
+    pmi.attach(tiny_adapter)
+    texts = [["a circle", "a blue square"], ["two triangles", "a dog"]]
+    unconditional = plain.image_loglik(image_tokens, ["", ""])
+    assert torch.allclose(pmi.text_rewards(image_tokens, texts), plain.text_rewards(image_tokens, texts) - unconditional[:, None], atol=1e-5)
+    prompts = ["a red circle", "a red circle", "two squares"]
+    tokens = image_tokens[[0, 1, 1]]
+    no_image = plain.prompt_loglik(None, prompts)
+    assert torch.allclose(pmi.image_rewards(tokens, prompts), plain.image_rewards(tokens, prompts) - no_image, atol=1e-5)
+
+
+def test_ipo_and_grpo_against_hand_computed_values():
+    # IPO: h = (-10 + 11) - (-12 + 11) = 2, tau 0.25 -> target 2 -> loss 0; tau 0.5 -> (2 - 1)^2 = 1
+    args = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0])
+    assert ipo_loss(*args, tau=0.25).item() == pytest.approx(0.0)
+    assert ipo_loss(*args, tau=0.5).item() == pytest.approx(1.0)
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 8.0]])
+    adv = group_advantages(rewards)
+    assert torch.allclose(adv.mean(-1), torch.zeros(2), atol=1e-6)
+    assert adv[0].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)  # std of (1,2,3) is 1
+    # on-policy: ratio 1, so the loss is -A (+ KL); with ref = logp the k3 KL is 0
+    logps = torch.tensor([[-1.0, -2.0, -3.0]])
+    assert grpo_loss(logps, logps, adv[:1], logps, 0.2, 0.5).tolist()[0] == pytest.approx([1.0, 0.0, -1.0], abs=1e-5)
+    # k3 KL with ref - logp = 1: e - 1 - 1
+    kl_only = grpo_loss(logps, logps, torch.zeros(1, 3), logps + 1, 0.2, 1.0)
+    assert torch.allclose(kl_only, torch.full((1, 3), math.e - 2))
+    # the clip: a ratio of e^0.5 with a positive advantage is capped at 1.2
+    clipped = grpo_loss(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([1.0]), None, 0.2, 0.0)
+    assert clipped.item() == pytest.approx(-1.2)
+
+
+def test_grpo_gradient_raises_the_best_sample(tiny_folder):
+    from dualfw.models.base import ImageSampling
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import Policy
+    from dualfw.selfreward import Group, select_pairs, sequence_logps
+
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=GRPO(kl_beta=0.0))
+    prompts = ["a red circle"]
+    tokens = policy.model.sample_images(prompts, k=3, sampling=ImageSampling(), seed=0)
+    rewards = torch.tensor([[3.0, 1.0, 2.0]])
+    group = Group("t2i", rewards, select_pairs(rewards), prompts=prompts, image_tokens=tokens)
+    samples = torch.tensor([[0, 0], [0, 1], [0, 2]])
+    before, _ = sequence_logps(policy.model, group, samples)
+    optimizer = torch.optim.SGD(policy.model.parameters(), lr=1e-2)
+    loss, _ = policy.direction_loss(group)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after, _ = sequence_logps(policy.model, group, samples)
+    change = after - before
+    assert change[0] > 0 and change[1] < 0 and change[0] > change[2] > change[1]
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_folder):
+    from dualfw.losses import DPO
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import LoraSpec, Policy
+
+    base = JanusAdapter(path=str(tiny_folder))
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), lora=LoraSpec(r=4, alpha=8))
+    assert policy.reference.model is policy.model and not policy.reference.holds_copy
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # checkpoints hold each weight once
+    assert not any(key.startswith("_peft") or "peft_model" in key for key in policy.state_dict())
+    tokens = torch.randint(0, 64, (1, base.num_image_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # LoRA moved away from zero: the policy changes, the Reference must not
+        expected = base.image_logprobs(["a circle"], tokens)
+        torch.testing.assert_close(policy.reference.image_logprobs(["a circle"], tokens), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(policy.model.image_logprobs(["a circle"], tokens), expected, atol=1e-3)
+
+
+def test_lora_targets_that_match_nothing_are_named(tiny_folder):
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import LoraSpec, Policy
+
+    with pytest.raises(ConfigError, match=r"lora.target_modules \['nope_proj'\] match no layer"):
+        Policy(JanusAdapter(path=str(tiny_folder)), lora=LoraSpec(target_modules=["nope_proj"]))
+
+
+def test_export_loads_back_with_transformers_and_gives_the_same_logprobs(tiny_folder, tmp_path):
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import LoraSpec, Policy
+
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), lora=LoraSpec(r=4))
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    tokens = torch.randint(0, 64, (1, policy.model.num_image_tokens), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained = policy.model.image_logprobs(["a circle"], tokens)
+    folder = policy.export_pretrained(tmp_path / "export")
+    reloaded = JanusAdapter(path=str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.image_logprobs(["a circle"], tokens), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_stall_at_ln2_warns_after_patience(tiny_folder):
+    from dualfw.losses import DPO
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import Policy
+
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), stall_patience=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for loss in (math.log(2) + 0.005, math.log(2) - 0.004):
+            policy._check_stall("t2i", loss)
+        policy._check_stall("t2i", 0.5)  # leaves the plateau: the count restarts
+        for _ in range(2):
+            policy._check_stall("t2i", math.log(2))
+        assert not caught
+        policy._check_stall("t2i", math.log(2))
+    assert any("ln 2 for 3 steps" in str(w.message) for w in caught)
+
+
+def test_image_inputs_errors_and_skips(tmp_path):
+    from dualfw.data.datamodule import SelfRewardDataModule
+    from dualfw.data.images import list_images, load_image
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="holds no images"):
+        list_images(empty)
+    with pytest.raises(MissingFileError, match="data.images"):
+        list_images(tmp_path / "missing")
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    with pytest.warns(UserWarning, match="bad.png"):
+        assert load_image(tmp_path / "bad.png", 32) is None
+    with pytest.raises(ConfigError, match="schedule 'sideways' is unknown"):
+        SelfRewardDataModule(images=str(tmp_path), schedule="sideways")
+    with pytest.raises(ConfigError, match="data.images is required"):
+        SelfRewardDataModule(prompts="dualfw:assets/shapes_prompts.txt", schedule="joint")
+
+
+def test_alternate_schedule():
+    from dualfw.data.datamodule import directions_at
+
+    assert [directions_at("alternate", s, 2) for s in range(5)] == [("t2i",), ("t2i",), ("i2t",), ("i2t",), ("t2i",)]
+    assert directions_at("joint", 7, 1) == ("t2i", "i2t")
+
+
+def test_joint_fit_end_to_end_counts_a_corrupt_image(tmp_path, tiny_folder):
+    import csv
+    import shutil
+    from pathlib import Path
+
+    from dualfw.cli import cli_main
+    from dualfw.data.prompts import resolve_path
+    from dualfw.data.rollouts import read_rollouts
+
+    images = tmp_path / "images"
+    shutil.copytree(resolve_path("dualfw:assets/shapes_images"), images)
+    (images / "aa_corrupt.png").write_bytes(b"\x89PNG broken")
+    conf = Path(__file__).resolve().parents[1] / "conf" / "dual.yaml"
+    with pytest.warns(UserWarning, match="aa_corrupt.png"):
+        cli_main([
+            "fit", "--config", str(conf),
+            f"--model.init_args.model.init_args.path={tiny_folder}",
+            f"--data.init_args.images={images}", "--data.init_args.shuffle=false",
+            "--data.init_args.inputs_per_step=13", "--data.init_args.k=2",
+            "--data.init_args.text_sampling.max_new_tokens=6", "--data.init_args.progress=false",
+            "--trainer.max_steps=1", "--trainer.enable_progress_bar=false",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.logger.name=dual", "--trainer.logger.version=run",
+        ])
+    run = tmp_path / "dual" / "run"
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    columns = set(rows[0])
+    for key in ("t2i/loss", "i2t/loss", "t2i/grad_norm", "i2t/grad_norm", "diagnostics/grad_norm_ratio_t2i_over_i2t", "data/unreadable_images"):
+        assert key in columns, key
+    assert max(float(r["data/unreadable_images"] or 0) for r in rows) == 1.0
+    directions = {r["direction"] for r in read_rollouts(run / "rollouts.jsonl")}
+    assert directions == {"t2i", "i2t"}
+    i2t = next(r for r in read_rollouts(run / "rollouts.jsonl") if r["direction"] == "i2t")
+    assert len(i2t["texts"]) == 2 and len(i2t["rewards"]) == 2 and "image" in i2t["meta"]
