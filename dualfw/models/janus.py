@@ -80,6 +80,7 @@ class JanusAdapter(LMMAdapter):
                 folder, dtype=_DTYPES[dtype], local_files_only=True
             )
             processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
+        model.model.vqmodel.requires_grad_(False)  # Janus' VQ tokenizer is frozen; only the SFT stage trains it
         self.model = model
         self.processor = processor
         tok = processor.tokenizer
