@@ -14,6 +14,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from dualfw.errors import find_config_error
 
+# the command line of the latest `cli_main` call, for reports (dualfw.eval.callbacks.command_line)
+COMMAND: list[str] | None = None
+
 # phrases that mark the informative line of jsonargparse's nested error reports
 _CULPRIT_MARKS = ("not accepted", "does not accept", "is required", "does not exist", "Unexpected", "unknown")
 
@@ -48,6 +51,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Entry point of the `dualfw` command (also callable in-process, e.g. from tests)."""
     import lightning as L
 
+    global COMMAND
+    COMMAND = ["dualfw", *(sys.argv[1:] if args is None else [str(a) for a in args])]
     return DualfwCLI(
         L.LightningModule,
         L.LightningDataModule,

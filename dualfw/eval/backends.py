@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dualfw.errors import MissingFileError
 from dualfw.eval.detection import Detection
 from dualfw.eval.geneval import COLORS
 
@@ -34,11 +35,14 @@ COLOR_TEMPLATES: tuple[str, ...] = (
     "a photo of a {color}-colored {object}",
     "a photo of a {color} object",
 )
-CROP_BACKGROUND = "#999999"  # the official default ("#999") for pixels outside a detection mask
+# The official default ("#999") for pixels outside a detection mask, spelled so that YAML and
+# jsonargparse keep it: a "#..." default or config value reaches the class as None (read as a comment).
+CROP_BACKGROUND = "rgb(153, 153, 153)"
 
 
-class MissingWeightsError(FileNotFoundError):
-    """A backend's local weights are missing; the message names the config key to set."""
+class MissingWeightsError(MissingFileError):
+    """A backend's local weights are missing; the message names the config key to set. A
+    `ConfigError` (and a FileNotFoundError), so the CLI reports it as one line."""
 
 
 def require_local_path(path: str | os.PathLike[str] | None, key: str, kind: str = "file") -> Path:

@@ -1,0 +1,716 @@
+"""GenEval-style and POPE-style evaluation as Lightning callbacks, during fit and at test time.
+
+- During fit, every `every_n_steps` optimizer steps (0: never), on global rank 0 only: the model is
+  put in eval mode, generates / answers under `torch.no_grad()`, and its train/eval mode is
+  restored. Scalars go to every logger at the current step (and into `trainer.callback_metrics`,
+  so `ModelCheckpoint(monitor="geneval/overall")` works); `fit_max_prompts` /
+  `fit_max_questions` keep these evaluations quick.
+- At test time (`dualfw test --config conf/t2i.yaml --config conf/eval/shapes.yaml`), at the end
+  of the test epoch: scalars through `LightningModule.log` (Lightning prints them as the test
+  table and sends them to the loggers), and `report.json` / `report.md` in the run folder.
+
+Files written into the run folder (`dualfw.data.datamodule.run_folder`), `<label>` being `test` or
+`step000100`:
+
+    geneval/<label>/00000/metadata.jsonl, geneval/<label>/00000/samples/0000.png ...
+                                      the official GenEval layout (rescore with the official
+                                      evaluator, or `dualfw.eval.geneval.evaluate_folder`)
+    geneval/<label>_results.jsonl     per-image verdicts (official results.jsonl fields)
+    images/geneval_<label>.png        grid of samples, one row per prompt
+    pope/<label>/<split>_questions.jsonl, pope/<label>/<split>_answers.jsonl
+                                      the questions asked and POPE's answer file, line for line
+    report.json, report.md            (test only) scores, 95% intervals, the command line
+
+The model is the LightningModule's `.model` (a `dualfw.models.base.LMMAdapter`): GenEval uses
+`sample_images` + `decode_images`, POPE uses `sample_texts` (greedy) and `image_size`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torchvision.utils import make_grid, save_image
+
+from dualfw.data.datamodule import run_folder
+from dualfw.data.images import load_image
+from dualfw.data.prompts import resolve_path
+from dualfw.errors import ConfigError, MissingFileError
+from dualfw.eval.detection import ColorClassifier, Detection, Detector
+from dualfw.eval.geneval import (
+    TAGS,
+    GenEvalPrompt,
+    ImageResult,
+    MetadataError,
+    export_geneval_folder,
+    overall_confidence_interval,
+    read_metadata,
+    score_image,
+    summarize,
+    write_results,
+)
+from dualfw.eval.pope import (
+    PopeFormatError,
+    PopeQuestion,
+    parse_answer_official,
+    parse_answer_strict,
+    pope_metrics,
+    read_questions,
+    write_answers,
+    write_questions,
+)
+from dualfw.models.base import ImageSampling, TextSampling
+
+# Any callable with the protocols' call signature is accepted too (jsonargparse checks protocols by
+# exact signature, and e.g. ShapesDetector's `classes` is optional).
+DetectorLike = Callable[[np.ndarray, Sequence[str]], list[Detection]]
+ColorClassifierLike = Callable[[np.ndarray, Detection, Sequence[str]], str]
+
+PARSERS: dict[str, Callable[[str], str]] = {"official": parse_answer_official, "strict": parse_answer_strict}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by both callbacks
+# --------------------------------------------------------------------------------------------------
+
+
+def command_line() -> str:
+    """The command that started this process: `dualfw ...` when it came through `dualfw.cli`."""
+    # `python -m dualfw.cli` runs the module as __main__, a second copy beside dualfw.cli
+    for module in (sys.modules.get("__main__"), sys.modules.get("dualfw.cli")):
+        argv = getattr(module, "COMMAND", None)
+        if argv:
+            return shlex.join(argv)
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Pixels (n, 3, H, W) in [0, 1] -> uint8 (n, H, W, 3), the values a saved PNG holds."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def log_image_grid(trainer: L.Trainer, tag: str, grid: torch.Tensor, step: int, caption: str) -> None:
+    """Send an image grid (3, H, W) in [0, 1] to every logger that takes images (TensorBoard's
+    `add_image`, or a logger with `log_image` such as W&B)."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(tag, grid, step)
+            experiment.add_text(f"{tag}/captions", caption, step)
+        elif hasattr(logger, "log_image"):
+            logger.log_image(key=tag, images=[grid], step=step, caption=[caption])
+
+
+def _selection(n: int, limit: int | None) -> int:
+    return n if limit is None else min(n, limit)
+
+
+def _interval(values: np.ndarray, level: float = 0.95) -> list[float]:
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return [float(low), float(high)]
+
+
+# Reports: one per Trainer, so that GenEval and POPE sections of one `dualfw test` land in the same
+# files, while a new run into the same folder starts a fresh report instead of merging stale ones.
+_REPORTS: "weakref.WeakKeyDictionary[L.Trainer, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def add_to_report(trainer: L.Trainer, pl_module: L.LightningModule, section: str, data: Mapping[str, Any]) -> Path:
+    """Add `section` to this trainer's report and (re)write `<run folder>/report.json` and
+    `report.md`. Returns the JSON path."""
+    folder = run_folder(trainer)
+    report = _REPORTS.get(trainer)
+    if report is None:
+        report = {
+            "command": command_line(),
+            "checkpoint": getattr(trainer, "ckpt_path", None),
+            "model": f"{type(pl_module).__name__}({type(getattr(pl_module, 'model', pl_module)).__name__})",
+            "run_folder": str(folder),
+            "config": "config.yaml" if (folder / "config.yaml").is_file() else None,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        _REPORTS[trainer] = report
+    report[section] = dict(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    return path
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value != value else f"{100 * value:.1f}"
+
+
+def _fmt_ci(ci: Sequence[float]) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown twin of report.json (scores in %, 95% bootstrap intervals in brackets)."""
+    lines = ["# dualfw evaluation report", ""]
+    lines.append(f"- command: `{report['command']}`")
+    for key in ("checkpoint", "model", "run_folder", "config", "created"):
+        if report.get(key):
+            lines.append(f"- {key.replace('_', ' ')}: `{report[key]}`")
+    g = report.get("geneval")
+    if g:
+        lines += [
+            "",
+            "## GenEval",
+            "",
+            f"{g['num_prompts']} prompts x {g['images_per_prompt']} images from `{g['metadata']}`; detector "
+            f"`{g['detector']}`, color classifier `{g['color_classifier']}`; seed {g['seed']}; "
+            f"images in `{g['folder']}` (official layout).",
+            "",
+            "| tag | score (%) | 95% CI | correct / images | strict (%) |",
+            "|---|---|---|---|---|",
+            f"| **overall** | **{_fmt(g['overall']['score'])}** | {_fmt_ci(g['overall']['ci95'])} | "
+            f"{g['num_correct']} / {g['num_images']} | {_fmt(g['strict']['overall']['score'])} |",
+        ]
+        for tag, t in g["per_tag"].items():
+            strict = g["strict"]["per_tag"][tag]["score"]
+            lines.append(
+                f"| {tag} | {_fmt(t['score'])} | {_fmt_ci(t['ci95'])} | {t['correct']} / {t['total']} | {_fmt(strict)} |"
+            )
+        lines += [
+            "",
+            f"Correct images: {_fmt(g['image_accuracy'])}%; prompts with a correct image: "
+            f"{_fmt(g['prompt_accuracy'])}%; mean detected objects per image: {g['mean_objects']:.2f}. "
+            "Overall is the mean of the per-tag scores (official rule); strict also fails extra objects.",
+        ]
+    p = report.get("pope")
+    if p:
+        lines += [
+            "",
+            "## POPE",
+            "",
+            f"Parser: {p['parser']}; answers in `{p['folder']}`.",
+            "",
+            "| split | accuracy (%) | 95% CI | precision | recall | F1 | F1 95% CI | yes-ratio | questions |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for split, m in p["splits"].items():
+            lines.append(
+                f"| {split} | {_fmt(m['accuracy'])} | {_fmt_ci(m['accuracy_ci95'])} | {_fmt(m['precision'])} | "
+                f"{_fmt(m['recall'])} | {_fmt(m['f1'])} | {_fmt_ci(m['f1_ci95'])} | {_fmt(m['yes_ratio'])} | {m['n']} |"
+            )
+        if len(p["splits"]) > 1:
+            lines.append(f"| **average** | {_fmt(p['average']['accuracy'])} | | | | {_fmt(p['average']['f1'])} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+class _EvalCallback(L.Callback):
+    """Scheduling shared by the evaluation callbacks: every `every_n_steps` during fit, and at the
+    end of the test epoch; rank 0 only; model in eval mode without gradients, then restored."""
+
+    name = "eval"
+
+    def __init__(self, every_n_steps: int) -> None:
+        if every_n_steps < 0:
+            raise ConfigError(f"{type(self).__name__}.every_n_steps must be >= 0 (0: only at test), got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.last: dict[str, float] = {}  # the metrics of the latest evaluation
+        self._evaluated_step = -1  # with gradient accumulation several batches end on one step
+
+    @contextmanager
+    def _eval_mode(self, pl_module: L.LightningModule) -> Iterator[None]:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            pl_module.train(was_training)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step  # counts this batch's optimizer step: 1, 2, ...
+        if not self.every_n_steps or step == 0 or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        if getattr(trainer, "sanity_checking", False) or step == self._evaluated_step:
+            return
+        self._evaluated_step = step
+        with self._eval_mode(pl_module):
+            metrics = self.evaluate(trainer, pl_module, label=f"step{step:06d}", fit=True)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        with self._eval_mode(pl_module):
+            metrics = self.evaluate(trainer, pl_module, label="test", fit=False)
+        pl_module.log_dict(metrics, rank_zero_only=True)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, fit: bool) -> dict[str, float]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# GenEval
+# --------------------------------------------------------------------------------------------------
+
+
+def interleave_tags(prompts: Sequence[GenEvalPrompt]) -> list[int]:
+    """Prompt indices in round-robin tag order (first of each tag, then second of each...), so that
+    any prefix is a tag-balanced subset; file order within a tag."""
+    by_tag: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_tag.setdefault(p.tag, []).append(i)
+    order: list[int] = []
+    queues = [list(v) for v in by_tag.values()]
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    return order
+
+
+class GenEvalCallback(_EvalCallback):
+    """Generate images for GenEval prompts and score them with the official GenEval rules.
+
+    Args:
+        metadata: GenEval metadata file (JSON lines; `dualfw:assets/shapes_geneval.jsonl` is the
+            Shapes world suite; the official suite is the user's evaluation_metadata.jsonl).
+        images_per_prompt: samples per prompt (the official protocol uses 4).
+        sampling: image sampling (guidance scale, temperature, top-k, top-p).
+        seed: seeds sampling; batch b of prompts uses a seed derived from (seed, b), so samples
+            depend on the seed, `prompts_per_batch` and the prompt order only.
+        prompts_per_batch: prompts sampled together in one `sample_images` call.
+        detector: a `dualfw.eval.detection.Detector` (class_path + init_args in a config); default
+            the exact Shapes detector (`dualfw.shapes.ShapesDetector`).
+        color_classifier: a `ColorClassifier` for color clauses when the detector does not give
+            colors (e.g. `dualfw.eval.backends.OpenClipColorClassifier`); the Shapes detector does.
+        classes: classes the detector looks for; default every class the metadata names (for the
+            official suite, the 80 COCO classes), which exclude clauses and the strict judge need.
+        max_prompts: evaluate only this many prompts (a tag-balanced subset: round-robin over tags
+            in file order); None: all.
+        fit_max_prompts: the same limit for the evaluations during fit (applied after max_prompts).
+        every_n_steps: evaluate during fit every N optimizer steps; 0: only at test time.
+        export: write the official folder layout (and per-image results) into the run folder.
+        grid_prompts: prompts shown in the logged image grid (one row each).
+        name: prefix of the logged metrics and of the folders written.
+    """
+
+    def __init__(
+        self,
+        metadata: str | None = None,
+        images_per_prompt: int = 4,
+        sampling: ImageSampling = ImageSampling(),
+        seed: int = 0,
+        prompts_per_batch: int = 8,
+        detector: Detector | DetectorLike | None = None,
+        color_classifier: ColorClassifier | ColorClassifierLike | None = None,
+        classes: list[str] | None = None,
+        max_prompts: int | None = None,
+        fit_max_prompts: int | None = 12,
+        every_n_steps: int = 0,
+        export: bool = True,
+        grid_prompts: int = 8,
+        name: str = "geneval",
+    ) -> None:
+        super().__init__(every_n_steps)
+        where = "GenEvalCallback"
+        if metadata is None or str(metadata) == "":
+            raise ConfigError(f"{where}.metadata is not set: give a GenEval metadata file (JSON lines)")
+        for key, value in (("images_per_prompt", images_per_prompt), ("prompts_per_batch", prompts_per_batch)):
+            if value < 1:
+                raise ConfigError(f"{where}.{key} must be at least 1, got {value}")
+        for key, value in (("max_prompts", max_prompts), ("fit_max_prompts", fit_max_prompts)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{key} must be at least 1 or null, got {value}")
+        path = resolve_path(metadata)
+        if not path.is_file():
+            raise MissingFileError(f"{where}.metadata: GenEval metadata file '{path}' does not exist")
+        try:
+            self.prompts = read_metadata(path)
+        except MetadataError as err:
+            raise ConfigError(str(err)) from None
+        if not self.prompts:
+            raise ConfigError(f"{where}.metadata: '{path}' holds no prompts")
+        if detector is None:
+            from dualfw.shapes import ShapesDetector
+
+            detector = ShapesDetector()
+        self.metadata, self.images_per_prompt, self.sampling, self.seed = str(metadata), images_per_prompt, sampling, seed
+        self.prompts_per_batch, self.detector, self.color_classifier = prompts_per_batch, detector, color_classifier
+        named = {c.cls for p in self.prompts for c in (*p.include, *p.exclude)}
+        self.classes = list(classes) if classes is not None else sorted(named)
+        self.max_prompts, self.fit_max_prompts = max_prompts, fit_max_prompts
+        self.export, self.grid_prompts, self.name = export, grid_prompts, name
+        self.order = interleave_tags(self.prompts)
+        self.results: list[ImageResult] = []  # latest per-image verdicts (official judge)
+
+    def selected(self, fit: bool) -> list[GenEvalPrompt]:
+        """The prompts an evaluation uses (in evaluation order)."""
+        n = _selection(len(self.order), self.max_prompts)
+        if fit:
+            n = _selection(n, self.fit_max_prompts)
+        return [self.prompts[i] for i in self.order[:n]]
+
+    def generate(self, model: Any, prompts: Sequence[GenEvalPrompt]) -> np.ndarray:
+        """uint8 samples (len(prompts), images_per_prompt, H, W, 3)."""
+        out = []
+        k = self.images_per_prompt
+        for b, start in enumerate(range(0, len(prompts), self.prompts_per_batch)):
+            chunk = prompts[start : start + self.prompts_per_batch]
+            seed = int(np.random.SeedSequence([self.seed, b]).generate_state(1)[0])
+            tokens = model.sample_images([p.prompt for p in chunk], k, self.sampling, seed=seed)
+            pixels = model.decode_images(tokens.flatten(0, 1))
+            arr = to_uint8(pixels)
+            out.append(arr.reshape(len(chunk), k, *arr.shape[1:]))
+        return np.concatenate(out)
+
+    def score(
+        self, prompts: Sequence[GenEvalPrompt], images: np.ndarray, folder: Path | None
+    ) -> tuple[list[ImageResult], list[ImageResult]]:
+        """(official, strict) verdicts per image; the detector (and color classifier) run once per image."""
+        official, strict = [], []
+        for i, (prompt, samples) in enumerate(zip(prompts, images)):
+            for j, image in enumerate(samples):
+                detections = self.detector(image, self.classes)
+                classifier = _memo(self.color_classifier)
+                filename = str(folder / f"{i:05d}" / "samples" / f"{j:04d}.png") if folder is not None else None
+                try:
+                    for strict_judge, out in ((False, official), (True, strict)):
+                        out.append(
+                            score_image(prompt, detections, image, classifier, strict=strict_judge, filename=filename)
+                        )
+                except ValueError as err:  # a color clause but no way to name colors
+                    raise ConfigError(f"GenEvalCallback: {err} (set GenEvalCallback.color_classifier)") from None
+        return official, strict
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, fit: bool) -> dict[str, float]:
+        prompts = self.selected(fit)
+        images = self.generate(pl_module.model, prompts)
+        root = run_folder(trainer) / self.name
+        folder = root / label if self.export else None
+        official, strict = self.score(prompts, images, folder)
+        self.results = official
+        if folder is not None:
+            if folder.exists():
+                shutil.rmtree(folder)  # a stale export would add prompts to a rescoring
+            export_geneval_folder(folder, prompts, list(images))
+            write_results(official, root / f"{label}_results.jsonl")
+        summary, strict_summary = summarize(official), summarize(strict)
+        metrics = summary.as_metrics(f"{self.name}/")
+        metrics.update({f"{self.name}/strict/{t}": v for t, v in strict_summary.per_tag.items()})
+        metrics[f"{self.name}/strict/overall"] = strict_summary.overall
+        self.last = metrics
+        self._log_grid(trainer, prompts, images, label)
+        if not fit:
+            add_to_report(trainer, pl_module, self.name, self._section(prompts, official, strict, folder, trainer))
+        return metrics
+
+    def _log_grid(self, trainer: L.Trainer, prompts: Sequence[GenEvalPrompt], images: np.ndarray, label: str) -> None:
+        n = min(self.grid_prompts, len(prompts))
+        if n == 0:
+            return
+        pixels = torch.from_numpy(images[:n].reshape(-1, *images.shape[2:])).permute(0, 3, 1, 2).float() / 255
+        grid = make_grid(pixels, nrow=self.images_per_prompt, padding=2, pad_value=1.0)
+        path = run_folder(trainer) / "images" / f"{self.name}_{label}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        log_image_grid(trainer, f"{self.name}/samples", grid, trainer.global_step, " | ".join(p.prompt for p in prompts[:n]))
+
+    def _section(self, prompts, official, strict, folder, trainer) -> dict[str, Any]:
+        def scores(results: list[ImageResult]) -> dict[str, Any]:
+            summary = summarize(results)
+            per_tag = {}
+            for tag, (correct, total) in summary.per_tag_counts.items():
+                rows = [r for r in results if r.tag == tag]
+                per_tag[tag] = {
+                    "score": summary.per_tag[tag],
+                    "ci95": list(overall_confidence_interval(rows)),
+                    "correct": correct,
+                    "total": total,
+                }
+            return {
+                "overall": {"score": summary.overall, "ci95": list(overall_confidence_interval(results))},
+                "per_tag": per_tag,
+                "summary": summary,
+            }
+
+        main, strict_scores = scores(official), scores(strict)
+        summary = main.pop("summary")
+        strict_scores.pop("summary")
+        base = run_folder(trainer)
+        return {
+            "metadata": self.metadata,
+            "num_prompts": len(prompts),
+            "prompts_in_file": len(self.prompts),
+            "images_per_prompt": self.images_per_prompt,
+            "num_images": summary.num_images,
+            "num_correct": sum(r.correct for r in official),
+            "seed": self.seed,
+            "prompts_per_batch": self.prompts_per_batch,
+            "sampling": asdict(self.sampling),
+            "detector": type(self.detector).__name__,
+            "color_classifier": type(self.color_classifier).__name__ if self.color_classifier is not None else None,
+            "folder": str(folder.relative_to(base)) if folder is not None else None,
+            "results": str(Path(self.name) / f"{folder.name}_results.jsonl") if folder is not None else None,
+            **main,
+            "image_accuracy": summary.image_accuracy,
+            "prompt_accuracy": summary.prompt_accuracy,
+            "mean_objects": summary.mean_objects,
+            "strict": strict_scores,
+            "tags": [t for t in TAGS if t in main["per_tag"]],
+        }
+
+
+def _memo(classifier: Callable | None) -> Callable | None:
+    """Cache a color classifier per detection, so the official and the strict judge share its calls."""
+    if classifier is None:
+        return None
+    cache: dict[int, str] = {}
+
+    def classify(image: np.ndarray, detection: Detection, colors: Sequence[str]) -> str:
+        key = id(detection)
+        if key not in cache:
+            cache[key] = classifier(image, detection, colors)
+        return cache[key]
+
+    return classify
+
+
+# --------------------------------------------------------------------------------------------------
+# POPE
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShapesPopeSet:
+    """A Shapes POPE set built on first use (`dualfw.shapes.pope_set.build_shapes_pope_set`).
+
+    folder: where to build or find it; None: `<run folder>/pope_shapes`.
+    num_images: rendered scenes (about 4.7 questions each per split).
+    seed: scenes and questions.
+    resolution: image side of the rendered scenes (images are resized to the model's anyway).
+    """
+
+    folder: str | None = None
+    num_images: int = 50
+    seed: int = 0
+    resolution: int = 32
+
+
+class PopeCallback(_EvalCallback):
+    """Answer POPE yes/no questions with the model (greedy) and score them with POPE's rules.
+
+    Args:
+        questions: question file per split, e.g. {random: .../coco_pope_random.json, ...}
+            (POPE JSON lines: question_id, image, text, label).
+        image_folder: folder holding the images the question files name (read with PIL, resized
+            to the model's `image_size`).
+        shapes: instead of `questions` + `image_folder`: a Shapes POPE set (random, popular,
+            adversarial), built on first use.
+        instruction: the user turn; `{question}` is replaced by the question text.
+        max_new_tokens: answer length limit.
+        batch_size: images answered together (questions with the same text are batched).
+        parser: "official" (POPE's rule, comparable with published numbers) or "strict".
+        max_questions: evaluate only the first N questions of each split; None: all.
+        fit_max_questions: the same limit for evaluations during fit (applied after max_questions).
+        every_n_steps: evaluate during fit every N optimizer steps; 0: only at test time.
+        name: prefix of the logged metrics and of the folders written.
+    """
+
+    def __init__(
+        self,
+        questions: dict[str, str | None] | None = None,
+        image_folder: str | None = None,
+        shapes: ShapesPopeSet | None = None,
+        instruction: str = "{question}",
+        max_new_tokens: int = 16,
+        batch_size: int = 16,
+        parser: Literal["official", "strict"] = "official",
+        max_questions: int | None = None,
+        fit_max_questions: int | None = 60,
+        every_n_steps: int = 0,
+        name: str = "pope",
+    ) -> None:
+        super().__init__(every_n_steps)
+        where = "PopeCallback"
+        if (questions is None) == (shapes is None):
+            raise ConfigError(f"{where}: set either `questions` (with `image_folder`) or `shapes`, not both or neither")
+        if parser not in PARSERS:
+            raise ConfigError(f"{where}.parser must be one of {', '.join(PARSERS)}, got {parser!r}")
+        if "{question}" not in instruction:
+            raise ConfigError(f"{where}.instruction must contain '{{question}}', got {instruction!r}")
+        for key, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if value < 1:
+                raise ConfigError(f"{where}.{key} must be at least 1, got {value}")
+        for key, value in (("max_questions", max_questions), ("fit_max_questions", fit_max_questions)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{key} must be at least 1 or null, got {value}")
+        self.shapes, self.instruction, self.max_new_tokens, self.batch_size = shapes, instruction, max_new_tokens, batch_size
+        self.parser, self.max_questions, self.fit_max_questions, self.name = parser, max_questions, fit_max_questions, name
+        self.question_files: dict[str, Path] = {}
+        self.questions: dict[str, list[PopeQuestion]] = {}
+        self.image_folder: Path | None = None
+        if questions is not None:  # check now: a bad file fails before any model loads
+            if not questions:
+                raise ConfigError(f"{where}.questions is empty: give one question file per split")
+            unset = [split for split, path in questions.items() if not path]
+            if unset:
+                raise ConfigError(f"{where}.questions.{unset[0]} is not set: give the path of its POPE question file")
+            if image_folder is None:
+                raise ConfigError(f"{where}.image_folder is not set: the folder of the images the questions name")
+            self._load({s: resolve_path(p) for s, p in questions.items()}, resolve_path(image_folder))
+        self.answers: dict[str, list[str]] = {}  # latest raw answers per split
+
+    def _load(self, files: Mapping[str, Path], image_folder: Path) -> None:
+        where = "PopeCallback"
+        if not image_folder.is_dir():
+            raise MissingFileError(f"{where}.image_folder: '{image_folder}' is not a folder")
+        for split, path in files.items():
+            if not path.is_file():
+                raise MissingFileError(f"{where}.questions.{split}: question file '{path}' does not exist")
+            try:
+                qs = read_questions(path)
+            except PopeFormatError as err:
+                raise ConfigError(str(err)) from None
+            if not qs:
+                raise ConfigError(f"{where}.questions.{split}: '{path}' holds no questions")
+            for q in qs:
+                if not (image_folder / q.image).is_file():
+                    raise MissingFileError(
+                        f"{path}: question_id {q.question_id} names image '{q.image}', which is not in "
+                        f"{where}.image_folder '{image_folder}'"
+                    )
+            self.questions[split] = qs
+        self.question_files = dict(files)
+        self.image_folder = image_folder
+
+    def prepare(self, trainer: L.Trainer) -> None:
+        """Build (or find) the Shapes POPE set when configured and not loaded yet."""
+        if self.questions:
+            return
+        from dualfw.shapes.pope_set import build_shapes_pope_set
+        from dualfw.shapes.world import WorldConfig
+
+        cfg = self.shapes
+        folder = Path(resolve_path(cfg.folder)) if cfg.folder else run_folder(trainer) / "pope_shapes"
+        files = build_shapes_pope_set(folder, num_images=cfg.num_images, seed=cfg.seed, world=WorldConfig(resolution=cfg.resolution))
+        self._load(files, folder / "images")
+
+    def selected(self, fit: bool) -> dict[str, list[PopeQuestion]]:
+        out = {}
+        for split, qs in self.questions.items():
+            n = _selection(len(qs), self.max_questions)
+            if fit:
+                n = _selection(n, self.fit_max_questions)
+            out[split] = qs[:n]
+        return out
+
+    def answer(self, model: Any, questions: Sequence[PopeQuestion]) -> list[str]:
+        """Greedy answers, in question order. Questions sharing a text are batched over images."""
+        size = int(model.image_size)
+        cache: dict[str, torch.Tensor] = {}
+        sampling = TextSampling(temperature=0.0, max_new_tokens=self.max_new_tokens)
+        by_text: dict[str, list[int]] = {}
+        for i, q in enumerate(questions):
+            by_text.setdefault(q.text, []).append(i)
+        answers: list[str | None] = [None] * len(questions)
+        for text, idx in by_text.items():
+            instruction = self.instruction.format(question=text)
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                for i in chunk:
+                    name = questions[i].image
+                    if name not in cache:
+                        image = load_image(self.image_folder / name, size)
+                        if image is None:  # every question needs its answer: unlike training, no skipping
+                            raise ConfigError(f"PopeCallback: cannot read image '{self.image_folder / name}'")
+                        cache[name] = image
+                pixels = torch.stack([cache[questions[i].image] for i in chunk]).to(model.device)
+                texts = model.sample_texts(pixels, 1, instruction, sampling)
+                for i, t in zip(chunk, texts):
+                    answers[i] = t[0]
+        return [a if a is not None else "" for a in answers]
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, fit: bool) -> dict[str, float]:
+        self.prepare(trainer)
+        folder = run_folder(trainer) / self.name / label
+        parse = PARSERS[self.parser]
+        metrics: dict[str, float] = {}
+        splits: dict[str, dict[str, Any]] = {}
+        for split, qs in self.selected(fit).items():
+            answers = self.answer(pl_module.model, qs)
+            self.answers[split] = answers
+            write_questions(qs, folder / f"{split}_questions.jsonl")
+            write_answers(qs, answers, folder / f"{split}_answers.jsonl")
+            predictions = [parse(a) for a in answers]
+            m = pope_metrics(predictions, [q.label for q in qs])
+            for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+                metrics[f"{self.name}/{split}/{key}"] = float(getattr(m, key))
+            acc_ci, f1_ci = pope_intervals(qs, predictions)
+            splits[split] = {
+                **m.as_dict(),
+                "accuracy_ci95": acc_ci,
+                "f1_ci95": f1_ci,
+                "question_file": str(self.question_files[split]),
+                "questions_in_file": len(self.questions[split]),
+                "answer_file": str(Path(self.name) / label / f"{split}_answers.jsonl"),
+            }
+        if len(splits) > 1:
+            for key in ("accuracy", "f1"):
+                metrics[f"{self.name}/average/{key}"] = float(np.mean([s[key] for s in splits.values()]))
+        self.last = metrics
+        if not fit:
+            average = {k: metrics.get(f"{self.name}/average/{k}") for k in ("accuracy", "f1")}
+            add_to_report(
+                trainer,
+                pl_module,
+                self.name,
+                {
+                    "parser": self.parser,
+                    "instruction": self.instruction,
+                    "image_folder": str(self.image_folder),
+                    "folder": str(Path(self.name) / label),
+                    "splits": splits,
+                    "average": average,
+                },
+            )
+        return metrics
+
+
+def pope_intervals(
+    questions: Sequence[PopeQuestion], predictions: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> tuple[list[float], list[float]]:
+    """95% percentile-bootstrap intervals of accuracy and F1, resampling IMAGES with replacement
+    (an image's questions stay together: they share its difficulty)."""
+    images: dict[str, int] = {}
+    rows: list[list[int]] = []  # per image: tp, fp, correct, positives (label yes), questions
+    for q, p in zip(questions, predictions):
+        i = images.setdefault(q.image, len(images))
+        if i == len(rows):
+            rows.append([0, 0, 0, 0, 0])
+        yes = p == "yes"
+        rows[i][0] += int(yes and q.label == "yes")
+        rows[i][1] += int(yes and q.label == "no")
+        rows[i][2] += int(p == q.label)
+        rows[i][3] += int(q.label == "yes")
+        rows[i][4] += 1
+    counts = np.array(rows, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+    tp, fp, correct, positives, n = (counts[idx, c].sum(axis=1) for c in range(5))
+    accuracy = correct / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(positives > 0, tp / positives, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return _interval(accuracy), _interval(f1)
