@@ -241,7 +241,7 @@ def keep_detections(
 
 
 def relative_position(
-    box_a: Sequence[float], box_b: Sequence[float], margin: float = POSITION_THRESHOLD
+    box_a: Sequence[float], box_b: Sequence[float], margin: float = POSITION_THRESHOLD, threshold: float = 0.5
 ) -> set[str]:
     """Relations of box A to box B (x1, y1, x2, y2; y grows downwards), official rule.
 
@@ -249,7 +249,8 @@ def relative_position(
     margin * (size_A + size_B) (never past 0). If both shrunk components are below 1e-3 in
     magnitude there is no relation (empty set). Else the shrunk offset is divided by the norm of
     the ORIGINAL offset, giving (dx, dy); "left of" if dx < -0.5, "right of" if dx > 0.5,
-    "above" if dy < -0.5, "below" if dy > 0.5. Several relations can hold at once."""
+    "above" if dy < -0.5, "below" if dy > 0.5. Several relations can hold at once. A `threshold`
+    above 0.5 demands clearer relations (used to place Shapes scenes unambiguously)."""
     a = np.asarray(box_a[:4], dtype=np.float64).reshape(2, 2)
     b = np.asarray(box_b[:4], dtype=np.float64).reshape(2, 2)
     offset = a.mean(axis=0) - b.mean(axis=0)
@@ -262,13 +263,13 @@ def relative_position(
     # for diagonal layouts: a mostly-cancelled component can no longer exceed 0.5.
     dx, dy = revised / np.linalg.norm(offset)
     relations: set[str] = set()
-    if dx < -0.5:
+    if dx < -threshold:
         relations.add("left of")
-    if dx > 0.5:
+    if dx > threshold:
         relations.add("right of")
-    if dy < -0.5:
+    if dy < -threshold:
         relations.add("above")
-    if dy > 0.5:
+    if dy > threshold:
         relations.add("below")
     return relations
 
@@ -651,13 +652,18 @@ def generate_prompts(
                 "prompt": f"a photo of {with_article(c1)} {a} and {with_article(c2)} {b}",
             }
         )
+    return dedupe_records(samples)
+
+
+def dedupe_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop repeated records (same JSON content), keeping first occurrences in order."""
     seen: set[str] = set()
     unique = []
-    for s in samples:
-        key = json.dumps(s, sort_keys=True)
+    for record in records:
+        key = json.dumps(record, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            unique.append(s)
+            unique.append(record)
     return unique
 
 

@@ -14,21 +14,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from dualfw.eval.geneval import dedupe_records, make_plural, with_article
 from dualfw.shapes.world import DEFAULT_WORLD, RELATIONS, Scene, ShapeObject, WorldConfig, relations
 
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 PREFIX = "a photo of "
-
-
-def with_article(name: str) -> str:
-    """GenEval's article rule: "an" before a vowel, else "a"."""
-    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
-
-
-def make_plural(name: str) -> str:
-    """GenEval's plural rule: + "es" after a final "s", else + "s"."""
-    return f"{name}es" if name[-1] == "s" else f"{name}s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,18 +101,6 @@ def _draw(tag: str, rng: np.random.Generator, shapes: Sequence[str], colors: Seq
     raise ValueError(f"unknown tag {tag!r}")
 
 
-def _dedupe(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop repeated records, keeping first occurrences in order."""
-    seen: set[str] = set()
-    out = []
-    for r in records:
-        key = json.dumps(r, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
-
-
 def generate_geneval_prompts(
     n_per_tag: int = 100,
     seed: int = 43,
@@ -145,7 +124,7 @@ def generate_geneval_prompts(
             drawn = [_draw(tag, rng, shapes, colors) for _ in range(n_per_tag)]
         if tag in tags:
             records.extend(drawn)
-    return _dedupe(records)
+    return dedupe_records(records)
 
 
 def enumerate_geneval_prompts(world: WorldConfig = DEFAULT_WORLD, tags: Sequence[str] = TAGS) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ drift for images a model draws.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
@@ -174,50 +173,15 @@ def render_pil(scene: Scene) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 
 
-def relation_vector(
-    box_a: Sequence[float], box_b: Sequence[float]
-) -> tuple[float, float] | None:
-    """GenEval's normalised, size-discounted offset of A relative to B, or None if no relation.
-
-    offset = c_A - c_B; revised = max(|offset| - 0.1 (d_A + d_B), 0) * sign(offset); the result
-    is revised / ||offset|| (norm of the original offset), as in the official evaluator.
-    """
-    ca = ((box_a[0] + box_a[2]) / 2, (box_a[1] + box_a[3]) / 2)
-    cb = ((box_b[0] + box_b[2]) / 2, (box_b[1] + box_b[3]) / 2)
-    da = (box_a[2] - box_a[0], box_a[3] - box_a[1])
-    db = (box_b[2] - box_b[0], box_b[3] - box_b[1])
-    offset = (ca[0] - cb[0], ca[1] - cb[1])
-    revised = [
-        max(abs(o) - 0.1 * (a + b), 0.0) * (1 if o > 0 else -1 if o < 0 else 0)
-        for o, a, b in zip(offset, da, db)
-    ]
-    if all(abs(r) < 1e-3 for r in revised):
-        return None
-    norm = math.hypot(*offset)
-    return (revised[0] / norm, revised[1] / norm)
-
-
 def relations(box_a: Sequence[float], box_b: Sequence[float], margin: float = 0.0) -> set[str]:
     """Relations of A to B under GenEval's rule ("left of" if dx < -0.5, ...; several may hold).
 
     margin > 0 demands the relation hold more clearly (e.g. dx < -0.5 - margin); the GenEval rule
     itself is margin = 0.
     """
-    vec = relation_vector(box_a, box_b)
-    if vec is None:
-        return set()
-    dx, dy = vec
-    thr = 0.5 + margin
-    out = set()
-    if dx < -thr:
-        out.add("left of")
-    if dx > thr:
-        out.add("right of")
-    if dy < -thr:
-        out.add("above")
-    if dy > thr:
-        out.add("below")
-    return out
+    from dualfw.eval.geneval import relative_position
+
+    return relative_position(box_a, box_b, threshold=0.5 + margin)
 
 
 # ---------------------------------------------------------------------------------------------
