@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig
 
 from dualfw.errors import ConfigError, MissingFileError
-from dualfw.losses import GRPO, IPO, group_advantages, grpo_loss, ipo_loss
+from dualfw.losses import GRPO, group_advantages, grpo_loss, ipo_loss
 from dualfw.models.base import TextSampling
 from dualfw.modules.scorer import DualScorer
 

@@ -321,7 +321,7 @@ def test_invalid_metadata_lines(tmp_path, obj, message):
     f.write_text(json.dumps(single()) + "\n" + json.dumps(obj) + "\n")
     with pytest.raises(MetadataError) as info:
         read_metadata(f)
-    assert f"m.jsonl:2: " in str(info.value) and message in str(info.value)
+    assert "m.jsonl:2: " in str(info.value) and message in str(info.value)
     assert "\n" not in str(info.value)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ class LMMAdapter(nn.Module, ABC):
         """Sample `k` descriptions per image (understanding direction)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement the understanding direction yet")
 
-    def save_pretrained(self, folder) -> "Path":
+    def save_pretrained(self, folder: str) -> Path:
         """Save weights and processing files where the model's own library loads them."""
         raise NotImplementedError(f"{type(self).__name__} cannot export yet")
 
