@@ -29,8 +29,17 @@ SCHEDULES = ("t2i", "i2t", "joint", "alternate")
 
 
 def run_folder(trainer: L.Trainer) -> Path:
-    """Where this run writes its files: the logger's folder, else the trainer's root folder."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """Where this run writes its files: the logger's folder, else the trainer's root folder.
+
+    `trainer.log_dir` is a collective under multi-process strategies (rank 0 broadcasts it), so
+    the first call must happen on every rank (SelfRewardDataModule.setup makes it); later calls,
+    on any rank alone, read the cached answer.
+    """
+    cached = getattr(trainer, "_dualfw_run_folder", None)
+    if cached is None:
+        cached = Path(trainer.log_dir or trainer.default_root_dir)
+        trainer._dualfw_run_folder = cached
+    return cached
 
 
 def directions_at(schedule: str, step: int, alternate_every: int) -> tuple[str, ...]:
@@ -163,6 +172,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         self._stream: SelfRewardStream | None = None
 
     def setup(self, stage: str) -> None:
+        run_folder(self.trainer)  # on every rank, before any rank-0-only callback asks for it
         policy = self.trainer.lightning_module
         self.keep_unpaired = bool(getattr(getattr(policy, "loss", None), "over_groups", False))
 

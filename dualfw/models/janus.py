@@ -93,6 +93,47 @@ class JanusAdapter(LMMAdapter):
             # JanusProcessor defaults to 576 placeholders; a mismatch breaks every understanding prompt.
             processor.num_image_tokens = self.num_image_tokens
 
+    # ---- sharding (FSDP2, Lightning's ModelParallelStrategy) ----------------------------------------
+    def fully_shard(self, mesh, mp_policy=None) -> None:
+        """Shard the weights over `mesh` with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+        Units follow the modules this adapter calls directly: every decoder layer (the sampler runs
+        them one by one), the vision tower, the generation embeddings, aligner and head. The rest
+        (token embeddings, lm_head, which may be tied to them, the final norm, the understanding
+        aligner) is the root unit; its forward is never called directly, so `_gather_root` all-gathers
+        it before each use (FSDP reshards it after backward). The frozen VQ tokenizer stays
+        replicated: it gets no gradient and decoding/encoding then needs no collective.
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
+        janus = self.model.model
+        units = [*janus.language_model.layers, janus.vision_model, janus.generation_embeddings,
+                 janus.generation_aligner, janus.generation_head]
+        for unit in units:
+            fully_shard(unit, **options)
+        fully_shard(self.model, ignored_params=set(janus.vqmodel.parameters()), **options)
+        if mesh.get_group().name() == "gloo":
+            # pytorch issue 162338: FSDP2's ReduceOp.AVG over gloo was reported to sum the gradients.
+            # Plain sums plus FSDP's own division average them either way (torch 2.14.1 averaged
+            # correctly with and without this, measured with 2 gloo ranks)
+            for unit in [*units, self.model]:
+                unit.set_force_sum_reduction_for_comms(True)
+
+    def _gather_root(self) -> bool:
+        """All-gather the root FSDP unit's weights (True), if the model is sharded: our calls go
+        to submodules (embeddings, language model, heads), never to the root's own forward, which
+        is where FSDP would do it. Every rank must get here equally often (a collective)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):
+            # FSDP picks the root at the first forward it sees; ours never runs, so do it here (all
+            # units then share one backward callback that reduce-scatters the root's gradients)
+            self.model._get_fsdp_state()._lazy_init()
+            self.model.unshard()
+            return True
+        return False
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """Weights (safetensors), config, tokenizer and processor: a folder that
         JanusForConditionalGeneration / JanusProcessor.from_pretrained and JanusAdapter(path=...) load."""
@@ -141,7 +182,11 @@ class JanusAdapter(LMMAdapter):
         seed: int | None = None,
         progress: bool = False,
     ) -> torch.LongTensor:
-        with torch.inference_mode():  # cheaper per op than no_grad: no version counters or view tracking
+        sharded = self._gather_root()
+        # inference_mode is cheaper per op than no_grad (no version counters or view tracking), but
+        # under FSDP2 the weights all-gathered here would become inference tensors that training can
+        # no longer write into ("Inplace update to inference tensor outside InferenceMode")
+        with torch.no_grad() if sharded else torch.inference_mode():
             tokens = self._sample_tokens(prompts, k, sampling, seed, progress)
         return tokens.clone()  # a normal tensor: inference tensors cannot enter autograd later
 
@@ -198,6 +243,7 @@ class JanusAdapter(LMMAdapter):
         return tokens.view(n_prompts, k, n_tokens)
 
     def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor) -> torch.Tensor:
+        self._gather_root()
         ids, mask = self.generation_inputs(prompts)
         tokens = tokens.to(ids.device)
         n_tokens = tokens.shape[1]
@@ -252,6 +298,7 @@ class JanusAdapter(LMMAdapter):
             attn[i, : len(prefix) + len(a)] = 1
             answer_mask[i, : len(a)] = True
         ids, attn, answer_mask = ids.to(self.device), attn.to(self.device), answer_mask.to(self.device)
+        self._gather_root()
         pixel_values = None if pixels is None else self.understanding_pixels(pixels)
         hidden = self.model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=attn).last_hidden_state
         # position t predicts token t + 1: the answer is predicted from len(prefix) - 1 on
@@ -287,7 +334,7 @@ class JanusAdapter(LMMAdapter):
                 torch.manual_seed(seed)
             # a fresh config: the checkpoint's carries image-generation settings (guidance_scale)
             config = GenerationConfig(
-                max_new_tokens=sampling.max_new_tokens, max_length=len(prefix) + sampling.max_new_tokens,
+                max_length=len(prefix) + sampling.max_new_tokens,  # max_new_tokens too would warn at every call
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                 bos_token_id=self.bos_id, **options,
             )

@@ -85,6 +85,32 @@ class Policy(L.LightningModule):
         # a list keeps a frozen copy out of checkpoints; it is the initial model, rebuilt on resume
         self._reference = [Reference(self.model, initial)] if self.loss.needs_reference else []
 
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under Lightning's ModelParallelStrategy (which sets
+        `device_mesh`); nothing otherwise (one device, DDP, FSDPStrategy wraps by its own policy).
+
+        Lightning calls this at every fit / test start; the model is sharded once. The Reference and a
+        frozen scorer are copies kept outside the module tree: they stay whole on every rank, so with
+        FSDP2 prefer SimPO with the live scorer, or LoRA (the adapters-off policy is then both).
+        """
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        if not hasattr(self.model, "fully_shard"):
+            raise ConfigError(f"{type(self.model).__name__} does not support FSDP2 sharding (no fully_shard method)")
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError("tensor parallelism is not supported: set ModelParallelStrategy tensor_parallel_size: 1")
+        self.model.fully_shard(mesh["data_parallel"] if "data_parallel" in names else mesh)
+        self._sharded = True
+        if (self.reference is not None and self.reference.holds_copy) or (
+            self.scorer.frozen and not self._peft
+        ):
+            rank_zero_warn(
+                "FSDP2 shards the policy only: the Reference / frozen scorer copy stays whole on every rank. "
+                "Prefer SimPO with the live scorer, or LoRA (no second copy)."
+            )
+
     @property
     def reference(self) -> Reference | None:
         return self._reference[0] if self._reference else None
@@ -170,6 +196,10 @@ class Policy(L.LightningModule):
     def _log_direction_grad_norms(self, losses: dict[str, torch.Tensor]) -> None:
         if not self.grad_norm_every_n_steps or self.global_step % self.grad_norm_every_n_steps:
             return
+        if getattr(self, "_sharded", False):
+            # FSDP2 computes with all-gathered copies: the sharded parameters are not in the graph,
+            # and an extra autograd.grad would not run FSDP's gradient reduction
+            return
         params = [p for p in self.model.parameters() if p.requires_grad]
         norms = {}
         for direction, loss in losses.items():
@@ -192,6 +222,20 @@ class Policy(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if getattr(self, "_sharded", False):  # FSDP2: gradients are DTensor shards; the norm is a collective
+            # A sharded checkpoint must hold optimizer state for every trainable weight, else resuming
+            # fails ("Missing key in checkpoint state_dict: optimizer_0.state..."); weights without a
+            # gradient yet (e.g. the vision tower in t2i) get a zero one, once: Adam's update is then
+            # zero (with weight_decay > 0 they decay by one step).
+            state = getattr(optimizer, "_optimizer", optimizer).state
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None and p not in state:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                total = torch.nn.utils.get_total_norm(grads, 2.0)
+                self.log("train/grad_norm", total.full_tensor() if hasattr(total, "full_tensor") else total)
+            return
         norms = grad_norm(self.model, norm_type=2)
         if norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
