@@ -87,7 +87,7 @@ class SelfRewardStream:
                 continue
             step = self.epoch * self.rounds_per_epoch() + index
             seed = int(np.random.SeedSequence([dm.seed, self.epoch, index]).generate_state(1)[0])
-            was_training = policy.training
+            modes = {module: module.training for module in policy.modules()}  # restored exactly below
             policy.eval()
             batch = {}
             for direction in directions_at(dm.schedule, step, dm.alternate_every):
@@ -96,7 +96,8 @@ class SelfRewardStream:
                     dm.record(group, seed, epoch=self.epoch, step=trainer.global_step)
                     if len(group.pairs) or dm.keep_unpaired:
                         batch[direction] = group
-            policy.train(was_training)
+            for module, training in modes.items():
+                module.train(training)
             if batch:
                 batch["stats"] = {"unreadable_images": float(len(dm.skipped_images))}
                 yield batch
