@@ -37,6 +37,7 @@ a an the photo of one two three four five and or left right above below on in is
 red orange yellow green blue purple pink brown black white grey gray circle square triangle
 circles squares triangles object objects shape shapes color colors small large big scene
 describe this image describe the image what do you see yes no not User Assistant
+Yes No Is there a photo of an object: at the top bottom middle center on the
 bench sports ball clock fire hydrant teddy bear dog wine glass apple person cat car
 """
 
@@ -59,6 +60,8 @@ class TinyJanusSpec:
     vq_channel_multiplier: tuple[int, ...] = (1, 1, 2)
     vision_hidden_size: int = 32
     vocab_size: int = 512
+    vq_embed_dim: int = 8
+    vq_num_res_blocks: int = 1
     init_std: float = 0.2
     seed: int = 0
 
@@ -138,12 +141,12 @@ def build_tiny_janus(spec: TinyJanusSpec | None = None):
         num_image_tokens=patches**2,
     )
     vq_config = JanusVQVAEConfig(
-        embed_dim=8,
+        embed_dim=spec.vq_embed_dim,
         num_embeddings=spec.codebook_size,
         latent_channels=32,
         base_channels=32,
         channel_multiplier=list(spec.vq_channel_multiplier),
-        num_res_blocks=1,
+        num_res_blocks=spec.vq_num_res_blocks,
         projection_dim=h,
         image_token_embed_dim=h,
     )

@@ -1,0 +1,423 @@
+"""Supervised training of the Shapes base model (dualfw/assets/shapes_base), four `dualfw fit` runs:
+
+    export OMP_NUM_THREADS=1   # on 2 shared cores 1 thread ran 4-10x faster than 2 (measured)
+    dualfw fit --config conf/shapes/vq.yaml          # A:  VQ tokenizer, 3000 steps
+    dualfw fit --config conf/shapes/vq_refine.yaml   # A2: VQ, 1500 more steps at a lower rate
+    dualfw fit --config conf/shapes/sft.yaml         # B:  VQ frozen; captions, yes/no, t2i; 1500 steps
+    dualfw fit --config conf/shapes/sft_more.yaml    # B2: 2000 more steps of B
+    cp runs/shapes/base_more/* dualfw/assets/shapes_base/
+
+Stage "vq" trains the Janus VQ tokenizer (encoder, codebook, decoder) to reconstruct rendered
+scenes. Stage "lm" freezes the VQ and trains everything else on captioning, yes/no questions and
+text-to-image, through the same adapter methods inference uses (`understanding_prefix_ids`,
+`understanding_pixels`, `generation_inputs`, `encode_images`), so training matches sampling.
+
+The data are generated on the fly by `ShapesDataModule`: batch i is a pure function of (seed, i).
+Seeds (seed_everything / data seed) are in the configs: A 0/0, A2 1/1, B 0/1, B2 2/2.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from dualfw.errors import ConfigError
+from dualfw.models.janus import JanusAdapter
+from dualfw.shapes.detector import ShapesDetector
+from dualfw.shapes.text import (
+    enumerate_geneval_prompts,
+    pope_question_text,
+    sample_caption,
+    scene_entities,
+    TAGS,
+)
+from dualfw.shapes.world import WorldConfig, render, sample_scene, scene_for_record
+
+STAGES = ("vq", "lm")
+DESCRIBE = "Describe this image."
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def to_pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) arrays -> float (n, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def question_example(scene, rng: np.random.Generator, world: WorldConfig, shape_only_prob: float) -> tuple[str, str]:
+    """A POPE-style question about `scene` and its answer ("Yes"/"No"), half of them yes.
+
+    Negatives are absent entities, half of them drawn uniformly and half sharing the shape or the
+    color of a present object (the adversarial kind POPE's hardest split uses).
+    """
+    colored = rng.random() >= shape_only_prob
+    present = sorted(scene_entities(scene, colored))
+    colors = world.colors if colored else ("",)
+    absent = [(c, s) for c in colors for s in world.shapes if (c, s) not in present]
+    if rng.random() < 0.5 or not absent:
+        return pope_question_text(present[int(rng.integers(len(present)))]), "Yes"
+    if rng.random() < 0.5:
+        anchor = present[int(rng.integers(len(present)))]
+        near = [e for e in absent if (e[0] == anchor[0] and e[0]) or e[1] == anchor[1]]
+        absent = near or absent
+    return pope_question_text(absent[int(rng.integers(len(absent)))]), "No"
+
+
+class ShapesStream(IterableDataset):
+    """Endless batches; batch i depends only on (seed, i), so runs are reproducible bit for bit."""
+
+    def __init__(self, dm: "ShapesDataModule", seed: int, start: int = 0, limit: int | None = None) -> None:
+        self.dm, self.seed, self.start, self.limit = dm, seed, start, limit
+
+    def __iter__(self) -> Iterator[dict]:
+        i = self.start
+        while self.limit is None or i < self.start + self.limit:
+            yield self.dm.make_batch(i, self.seed)
+            i += 1
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Shapes-world training data, generated on the fly from a seed.
+
+    Args:
+        stage: "vq" (images only) or "lm" (understanding and text-to-image examples).
+        batch_size: images per batch ("vq"), understanding examples per batch ("lm").
+        t2i_batch_size: text-to-image examples per batch ("lm"); None = batch_size.
+        seed: the data seed; batch i is a function of (seed, i) only.
+        resolution: image side in pixels (the model's image size).
+        question_prob: share of understanding examples that are yes/no questions (rest: captions).
+        full_caption_prob: share of captions that are full scene descriptions (rest: short true
+            statements, so short GenEval-style prompts stay in distribution).
+        shape_only_prob: share of questions about a shape without its color.
+        val_batches: fixed validation batches (drawn from another seed stream).
+    """
+
+    def __init__(
+        self,
+        stage: str = "lm",
+        batch_size: int = 32,
+        t2i_batch_size: int | None = None,
+        seed: int = 0,
+        resolution: int = 32,
+        question_prob: float = 0.5,
+        full_caption_prob: float = 0.5,
+        shape_only_prob: float = 0.3,
+        val_batches: int = 2,
+    ) -> None:
+        super().__init__()
+        if stage not in STAGES:
+            raise ConfigError(f"data.init_args.stage must be one of {STAGES}, got {stage!r}")
+        if batch_size < 1:
+            raise ConfigError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
+        for name, p in (("question_prob", question_prob), ("full_caption_prob", full_caption_prob),
+                        ("shape_only_prob", shape_only_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"data.init_args.{name} must be in [0, 1], got {p}")
+        self.stage, self.batch_size = stage, batch_size
+        self.t2i_batch_size = batch_size if t2i_batch_size is None else t2i_batch_size
+        self.seed, self.question_prob = seed, question_prob
+        self.full_caption_prob, self.shape_only_prob = full_caption_prob, shape_only_prob
+        self.val_batches = val_batches
+        self.world = WorldConfig(resolution=resolution)
+        records = enumerate_geneval_prompts(self.world)
+        # t2i prompts: a tag uniformly, then a record of that tag uniformly (tags are equally weighted
+        # in GenEval's overall score, while color_attr alone has 180 of the 240 distinct records)
+        self.records_by_tag = {tag: [r for r in records if r["tag"] == tag] for tag in TAGS}
+
+    def make_batch(self, index: int, seed: int) -> dict:
+        """Batch `index` of the stream `seed`."""
+        rng = np.random.default_rng([seed, index])
+        if self.stage == "vq":
+            scenes = [sample_scene(rng, self.world) for _ in range(self.batch_size)]
+            return {"pixels": to_pixels([render(s) for s in scenes])}
+        u_images, instructions, answers = [], [], []
+        for _ in range(self.batch_size):
+            scene = sample_scene(rng, self.world)
+            u_images.append(render(scene))
+            if rng.random() < self.question_prob:
+                question, answer = question_example(scene, rng, self.world, self.shape_only_prob)
+            else:
+                question, answer = DESCRIBE, sample_caption(scene, rng, self.full_caption_prob)
+            instructions.append(question)
+            answers.append(answer)
+        g_images, prompts = [], []
+        for _ in range(self.t2i_batch_size):
+            tagged = self.records_by_tag[TAGS[int(rng.integers(len(TAGS)))]]
+            record = tagged[int(rng.integers(len(tagged)))]
+            g_images.append(render(scene_for_record(record, rng, self.world)))
+            prompts.append(record["prompt"])
+        return {
+            "u_pixels": to_pixels(u_images),
+            "instructions": instructions,
+            "answers": answers,
+            "g_pixels": to_pixels(g_images),
+            "prompts": prompts,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ShapesStream(self, self.seed), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ShapesStream(self, self.seed + 10_000, limit=self.val_batches), batch_size=None, num_workers=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+
+def _vq(adapter: JanusAdapter):
+    return adapter.model.model.vqmodel
+
+
+class ShapesSFT(L.LightningModule):
+    """Supervised training of a Janus adapter on the Shapes world.
+
+    Args:
+        model: the adapter to train (dualfw.JanusAdapter; `tiny` sizes for stage "vq", the
+            stage-"vq" export folder as `path` for stage "lm").
+        stage: "vq": train the VQ tokenizer (reconstruction, cosine codebook with dead-code
+            restarts); "lm": freeze the VQ and train the rest (captions, yes/no answers, t2i).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10% over
+            trainer.max_steps.
+        vq_beta: commitment weight. restart_every: steps between dead-code restarts (0: never).
+        understanding_weight, t2i_weight: weights of the two stage-"lm" losses.
+        cfg_drop: probability that a t2i example's prompt is replaced by pad (the unconditional
+            row of classifier-free guidance: BOS and <begin_of_image> are kept).
+        export_dir: folder the trained model is saved to (save_pretrained, safetensors) when fit ends.
+    """
+
+    def __init__(
+        self,
+        model: JanusAdapter,
+        stage: str = "lm",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 50,
+        vq_beta: float = 0.25,
+        restart_every: int = 50,
+        understanding_weight: float = 1.0,
+        t2i_weight: float = 1.0,
+        cfg_drop: float = 0.1,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if stage not in STAGES:
+            raise ConfigError(f"model.init_args.stage must be one of {STAGES}, got {stage!r}")
+        if not 0.0 <= cfg_drop < 1.0:
+            raise ConfigError(f"model.init_args.cfg_drop must be in [0, 1), got {cfg_drop}")
+        if lr <= 0:
+            raise ConfigError(f"model.init_args.lr must be > 0, got {lr}")
+        self.model, self.stage = model, stage
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.vq_beta, self.restart_every = vq_beta, restart_every
+        self.understanding_weight, self.t2i_weight, self.cfg_drop = understanding_weight, t2i_weight, cfg_drop
+        self.export_dir = export_dir
+        vq = _vq(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = vq.parameters() if stage == "vq" else (
+            p for n, p in model.model.named_parameters() if not n.startswith("model.vqmodel.")
+        )
+        for p in trainable:
+            p.requires_grad_(True)
+        self._usage = torch.zeros(vq.quantize.num_embeddings, dtype=torch.long)
+        if stage == "vq":
+            self._normalise_codebook()
+
+    # ---- stage vq ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _normalise_codebook(self) -> None:
+        """Unit-norm codes: the encoder's Euclidean nearest code is then its cosine nearest code,
+        and the decoder (which L2-normalises codes) sees exactly the codes training used."""
+        w = _vq(self.model).quantize.embedding.weight
+        w.copy_(F.normalize(w, dim=-1))
+
+    def vq_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Reconstruction through the VQ with a straight-through estimator; returns (loss, stats)."""
+        vq = _vq(self.model)
+        x = pixels * 2 - 1
+        z = vq.quant_conv(vq.encoder(x))  # (n, D, h, w)
+        n, d, h, w = z.shape
+        zf = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=-1)
+        codes = F.normalize(vq.quantize.embedding.weight, dim=-1)
+        idx = (zf @ codes.T).argmax(-1)
+        q = codes[idx]
+        codebook = F.mse_loss(q, zf.detach())
+        commit = F.mse_loss(zf, q.detach())
+        q_st = zf + (q - zf).detach()
+        rec = vq.decoder(vq.post_quant_conv(q_st.view(n, h, w, d).permute(0, 3, 1, 2)))
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = rec_loss + codebook + self.vq_beta * commit
+        if self.training:
+            self._usage += torch.bincount(idx.detach().cpu(), minlength=len(self._usage))
+            self._last_z = zf.detach()
+        used = int((self._usage > 0).sum())
+        return loss, {"vq/rec": rec_loss.detach(), "vq/codebook": codebook.detach(), "vq/used_codes": float(used)}
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, zf: torch.Tensor) -> None:
+        """Codes unused since the last restart jump to random encoder outputs of this batch."""
+        dead = (self._usage == 0).nonzero().squeeze(-1)
+        if len(dead):
+            w = _vq(self.model).quantize.embedding.weight
+            pick = torch.randint(len(zf), (len(dead),), device=zf.device)
+            w[dead.to(w.device)] = F.normalize(zf[pick] + 0.01 * torch.randn_like(zf[pick]), dim=-1)
+        self._usage.zero_()
+
+    # ---- stage lm ----------------------------------------------------------------------------------
+    def understanding_loss(self, pixels: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        """Mean token cross-entropy of answer + <eos> given the image and the instruction (the
+        prompt layout of `JanusAdapter.text_logprobs` / `sample_texts`)."""
+        ad, tok = self.model, self.model.processor.tokenizer
+        rows = []
+        for instruction, answer in zip(instructions, answers):
+            prefix = ad.understanding_prefix_ids(instruction)
+            target = tok(" " + answer.strip(), add_special_tokens=False).input_ids + [ad.eos_id]
+            rows.append((prefix, target))
+        width = max(len(p) + len(t) for p, t in rows)
+        ids = torch.full((len(rows), width), ad.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (prefix, target) in enumerate(rows):  # right padding, as text_logprobs
+            seq = prefix + target
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attn[i, : len(seq)] = 1
+            labels[i, len(prefix) : len(seq)] = torch.tensor(target)
+        ids, attn, labels = ids.to(self.device), attn.to(self.device), labels.to(self.device)
+        hidden = ad.model.model(
+            input_ids=ids, pixel_values=ad.understanding_pixels(pixels), attention_mask=attn
+        ).last_hidden_state
+        logits = ad.model.lm_head(hidden[:, :-1]).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def t2i_loss(self, pixels: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the image's VQ tokens given the prompt (the layout of
+        `JanusAdapter.image_logprobs`), with the prompt dropped to pad for a `cfg_drop` share."""
+        ad = self.model
+        with torch.no_grad():
+            tokens = ad.encode_images(pixels)
+        ids, mask = ad.generation_inputs(prompts)
+        if self.cfg_drop > 0:
+            drop = torch.rand(len(prompts), generator=generator) < self.cfg_drop
+            uncond = ids.masked_fill((ids != ad.bos_id) & (ids != ad.boi_id), ad.pad_id)
+            ids = torch.where(drop.to(ids.device)[:, None], uncond, ids)
+        n_tokens = tokens.shape[1]
+        embeds = torch.cat([ad.model.get_input_embeddings()(ids), ad._embed_image_tokens(tokens[:, :-1])], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_tokens - 1)], dim=1)
+        hidden = ad.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        logits = ad.model.model.generation_head(hidden[:, -n_tokens:]).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+    # ---- Lightning ---------------------------------------------------------------------------------
+    def _losses(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        if self.stage == "vq":
+            if "pixels" not in batch:
+                raise ConfigError("stage 'vq' needs image batches: set data.init_args.stage: vq")
+            return self.vq_forward(batch["pixels"])
+        if "prompts" not in batch:
+            raise ConfigError("stage 'lm' needs text batches: set data.init_args.stage: lm")
+        u = self.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"])
+        g = self.t2i_loss(batch["g_pixels"], batch["prompts"], generator)
+        loss = self.understanding_weight * u + self.t2i_weight * g
+        return loss, {"lm/understanding": u.detach(), "lm/t2i": g.detach()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(10_000 + self.global_step)
+        loss, stats = self._losses(batch, gen)
+        n = len(batch.get("pixels", batch.get("u_pixels")))
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+        self.log("loss", loss, batch_size=n, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, stats = self._losses(batch, torch.Generator().manual_seed(batch_idx))
+        n = len(batch.get("pixels", batch.get("u_pixels")))
+        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "vq/used_codes"}, batch_size=n)
+        self.log("val/loss", loss, batch_size=n, prog_bar=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.stage == "vq":  # after the optimizer step: in-place edits would break backward
+            if self.restart_every and (self.global_step % self.restart_every == 0):
+                self._restart_dead_codes(self._last_z)
+            self._normalise_codebook()
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            export(self.model, self.export_dir)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.max_steps or 0), self.warmup_steps + 1)
+
+        def schedule(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            t = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(t, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def export(adapter: JanusAdapter, folder: str | Path) -> Path:
+    """Save model (safetensors), config, tokenizer and processor for `JanusAdapter(path=folder)`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter.model.save_pretrained(folder, safe_serialization=True)
+    adapter.processor.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def detection_rates(scenes, images, detector: ShapesDetector, threshold: float = 0.9) -> tuple[float, float]:
+    """(fraction of objects found with the right shape and color at their place, fraction of images
+    whose confident detections are exactly the scene's (shape, color) multiset)."""
+    found = total = exact = 0
+    for scene, image in zip(scenes, images):
+        dets = [d for d in detector(image) if d.score > threshold]
+        for o in scene.objects:
+            cx, cy = o.center
+            total += 1
+            found += any(
+                d.label == o.shape and d.color == o.color and d.box[0] < cx < d.box[2] and d.box[1] < cy < d.box[3]
+                for d in dets
+            )
+        exact += Counter((d.label, d.color) for d in dets) == Counter((o.shape, o.color) for o in scene.objects)
+    return found / total, exact / len(scenes)
+
+
+def to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
+    """[0, 1] float (n, 3, H, W) -> uint8 (H, W, 3) arrays, as a saved PNG would hold."""
+    return list((pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+
+@torch.no_grad()
+def reconstruction_rates(
+    adapter: JanusAdapter, n: int = 300, seed: int = 1234, batch: int = 50, threshold: float = 0.9
+) -> tuple[float, float]:
+    """`detection_rates` on VQ reconstructions (encode -> decode) of `n` seeded random scenes;
+    `threshold` 0.9 is GenEval's counting threshold, 0.3 its detection threshold."""
+    world = WorldConfig(resolution=adapter.image_size)
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, world) for _ in range(n)]
+    images = []
+    for i in range(0, n, batch):
+        pixels = to_pixels([render(s) for s in scenes[i : i + batch]])
+        images += to_uint8(adapter.decode_images(adapter.encode_images(pixels)))
+    return detection_rates(scenes, images, ShapesDetector(world), threshold)
