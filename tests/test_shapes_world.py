@@ -7,6 +7,8 @@ import json
 import re
 from collections import Counter
 
+from dualfw.shapes.detector import detection_rates as shapes_detection_rates
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -77,20 +79,7 @@ def geneval_correct(record: dict, detections: list[Detection]) -> bool:
 
 
 def detection_rates(scenes, images, detector=DETECTOR, threshold: float = 0.9) -> tuple[float, float]:
-    """(fraction of objects found with right shape and color, fraction of images whose confident
-    detections are exactly the scene's (shape, color) multiset, i.e. right count, nothing extra)."""
-    found = total = exact = 0
-    for scene, image in zip(scenes, images):
-        dets = [d for d in detector(image) if d.score > threshold]
-        for o in scene.objects:
-            cx, cy = o.center
-            total += 1
-            found += any(
-                d.label == o.shape and d.color == o.color and d.box[0] < cx < d.box[2] and d.box[1] < cy < d.box[3]
-                for d in dets
-            )
-        exact += Counter((d.label, d.color) for d in dets) == Counter((o.shape, o.color) for o in scene.objects)
-    return found / total, exact / len(scenes)
+    return shapes_detection_rates(scenes, images, detector, threshold)
 
 
 # --------------------------------------------------------------------------------------------

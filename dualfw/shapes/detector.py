@@ -9,6 +9,7 @@ unrecognisable blob falls below the 0.3 detection threshold.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from itertools import product
 from typing import Sequence
@@ -212,3 +213,20 @@ def scene_detections(scene: Scene) -> list[Detection]:
         mask[obj.top : obj.top + obj.size, obj.left : obj.left + obj.size] = shape_mask(obj.shape, obj.size, obj.size)
         out.append(Detection(label=obj.shape, box=obj.box, score=1.0, mask=mask, color=obj.color))
     return out
+
+
+def detection_rates(scenes, images, detector: "ShapesDetector", threshold: float = 0.9) -> tuple[float, float]:
+    """(fraction of objects found with the right shape and color at their place, fraction of images
+    whose confident detections are exactly the scene's (shape, color) multiset)."""
+    found = total = exact = 0
+    for scene, image in zip(scenes, images):
+        dets = [d for d in detector(image) if d.score > threshold]
+        for o in scene.objects:
+            cx, cy = o.center
+            total += 1
+            found += any(
+                d.label == o.shape and d.color == o.color and d.box[0] < cx < d.box[2] and d.box[1] < cy < d.box[3]
+                for d in dets
+            )
+        exact += Counter((d.label, d.color) for d in dets) == Counter((o.shape, o.color) for o in scene.objects)
+    return found / total, exact / len(scenes)

@@ -18,7 +18,6 @@ Seeds (seed_everything / data seed) are in the configs: A 0/0, A2 1/1, B 0/1, B2
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dualfw.errors import ConfigError
 from dualfw.models.janus import JanusAdapter
-from dualfw.shapes.detector import ShapesDetector
+from dualfw.shapes.detector import ShapesDetector, detection_rates
 from dualfw.shapes.text import (
     enumerate_geneval_prompts,
     pope_question_text,
@@ -383,23 +382,6 @@ def export(adapter: JanusAdapter, folder: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-
-
-def detection_rates(scenes, images, detector: ShapesDetector, threshold: float = 0.9) -> tuple[float, float]:
-    """(fraction of objects found with the right shape and color at their place, fraction of images
-    whose confident detections are exactly the scene's (shape, color) multiset)."""
-    found = total = exact = 0
-    for scene, image in zip(scenes, images):
-        dets = [d for d in detector(image) if d.score > threshold]
-        for o in scene.objects:
-            cx, cy = o.center
-            total += 1
-            found += any(
-                d.label == o.shape and d.color == o.color and d.box[0] < cx < d.box[2] and d.box[1] < cy < d.box[3]
-                for d in dets
-            )
-        exact += Counter((d.label, d.color) for d in dets) == Counter((o.shape, o.color) for o in scene.objects)
-    return found / total, exact / len(scenes)
 
 
 def to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
