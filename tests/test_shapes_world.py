@@ -7,14 +7,13 @@ import json
 import re
 from collections import Counter
 
-from dualfw.shapes.detector import detection_rates as shapes_detection_rates
-
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
 from dualfw.eval.detection import Detection, Detector
 from dualfw.shapes.detector import ShapesDetector, scene_detections
+from dualfw.shapes.detector import detection_rates as shapes_detection_rates
 from dualfw.shapes.text import (
     POPE_SPLITS,
     TAGS,
