@@ -12,9 +12,11 @@ spread below the pairing margin). `read_rollouts` reads the file back.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+import json
 from typing import Iterator
+
+from dualfw.data.jsonl import iter_jsonl
 
 
 class RolloutWriter:
@@ -35,11 +37,5 @@ class RolloutWriter:
 
 def read_rollouts(path: str | Path) -> Iterator[dict]:
     """Yield the records of a rollouts file; a malformed line raises naming file and line."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: malformed rollout line ({err.msg})") from None
+    for _, record in iter_jsonl(path):
+        yield record

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dualfw.data.jsonl import write_jsonl
 from dualfw.eval.detection import ColorClassifier, Detection, Detector
 
 # --------------------------------------------------------------------------------------------------
@@ -200,10 +201,7 @@ def read_metadata(path: str | os.PathLike[str], colors: Sequence[str] = COLORS) 
 
 def write_metadata(prompts: Iterable[GenEvalPrompt | Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Write prompts as GenEval JSON lines (one object per line, official key order when rebuilt)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fp:
-        for p in prompts:
-            fp.write(json.dumps(_as_dict(p)) + "\n")
+    write_jsonl((_as_dict(p) for p in prompts), path)
 
 
 def _as_dict(p: GenEvalPrompt | Mapping[str, Any]) -> dict[str, Any]:
@@ -753,7 +751,4 @@ def evaluate_folder(
 
 def write_results(results: Iterable[ImageResult], path: str | os.PathLike[str]) -> None:
     """Write per-image results as JSON lines (the official results.jsonl fields plus ours)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fp:
-        for r in results:
-            fp.write(json.dumps(r.to_dict()) + "\n")
+    write_jsonl((r.to_dict() for r in results), path)

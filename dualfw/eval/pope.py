@@ -8,16 +8,16 @@ explicitly separate option.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import combinations
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from dualfw.data.jsonl import iter_jsonl, write_jsonl
 
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 LABELS: tuple[str, ...] = ("yes", "no")
@@ -48,17 +48,7 @@ class PopeQuestion:
 
 def _read_json_lines(path: str | os.PathLike[str]) -> Iterable[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; PopeFormatError on malformed JSON."""
-    with open(path, encoding="utf-8") as fp:
-        for lineno, line in enumerate(fp, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PopeFormatError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise PopeFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return iter_jsonl(path, PopeFormatError)
 
 
 def read_questions(path: str | os.PathLike[str]) -> list[PopeQuestion]:
@@ -76,10 +66,7 @@ def read_questions(path: str | os.PathLike[str]) -> list[PopeQuestion]:
 
 def write_questions(questions: Iterable[PopeQuestion], path: str | os.PathLike[str]) -> None:
     """Write a POPE question file (keys in official order: question_id, image, text, label)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fp:
-        for q in questions:
-            fp.write(json.dumps(q.to_dict()) + "\n")
+    write_jsonl((q.to_dict() for q in questions), path)
 
 
 def read_answers(path: str | os.PathLike[str]) -> list[str]:
@@ -99,10 +86,7 @@ def write_answers(
     line, in question order. Raw text is written so that any parser can be applied later."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fp:
-        for q, a in zip(questions, answers):
-            fp.write(json.dumps({"question": q.text, "answer": a}) + "\n")
+    write_jsonl(({"question": q.text, "answer": a} for q, a in zip(questions, answers)), path)
 
 
 # --------------------------------------------------------------------------------------------------

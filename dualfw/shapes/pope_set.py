@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from dualfw.errors import ConfigError
-from dualfw.shapes.text import POPE_SPLITS, pope_questions, write_jsonl
+from dualfw.data.jsonl import write_jsonl
+from dualfw.shapes.text import POPE_SPLITS, pope_questions
 from dualfw.shapes.world import DEFAULT_WORLD, WorldConfig, render_pil, sample_scene
 
 MANIFEST = "manifest.json"

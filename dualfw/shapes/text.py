@@ -7,13 +7,13 @@ plurals, number words, draw order and de-duplication; see shared/docs/evaluation
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from dualfw.data.jsonl import iter_jsonl
 from dualfw.eval.geneval import dedupe_records, make_plural, with_article
 from dualfw.shapes.world import DEFAULT_WORLD, RELATIONS, Scene, ShapeObject, WorldConfig, relations
 
@@ -144,17 +144,9 @@ def enumerate_geneval_prompts(world: WorldConfig = DEFAULT_WORLD, tags: Sequence
     return [r for tag in TAGS if tag in tags for r in by_tag[tag]]
 
 
-def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> None:
-    """Write one JSON object per line (GenEval metadata / POPE questions)."""
-    with open(path, "w") as fp:
-        for r in records:
-            fp.write(json.dumps(r) + "\n")
-
-
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON-lines file."""
-    with open(path) as fp:
-        return [json.loads(line) for line in fp if line.strip()]
+    return [obj for _, obj in iter_jsonl(path)]
 
 
 # ---------------------------------------------------------------------------------------------
