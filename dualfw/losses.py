@@ -92,8 +92,12 @@ class PreferenceLoss:
         raise NotImplementedError
 
     def implicit_margin(self, pairs: PairLogps) -> Tensor:
-        """The quantity inside the sigmoid: > 0 means the policy prefers the chosen sample."""
+        """The quantity inside the sigmoid (or the square, for IPO)."""
         raise NotImplementedError
+
+    def prefers_chosen(self, pairs: PairLogps) -> Tensor:
+        """(n_pairs,) bool: the policy's implicit reward ranks chosen above rejected (pair accuracy)."""
+        return self.implicit_margin(pairs) > 0
 
 
 class SimPO(PreferenceLoss):
@@ -112,6 +116,10 @@ class SimPO(PreferenceLoss):
 
     def implicit_margin(self, pairs: PairLogps) -> Tensor:
         return self.beta * (pairs.chosen / pairs.chosen_len - pairs.rejected / pairs.rejected_len) - self.gamma
+
+    def prefers_chosen(self, pairs: PairLogps) -> Tensor:
+        # the target margin gamma is not part of the implicit reward
+        return pairs.chosen / pairs.chosen_len > pairs.rejected / pairs.rejected_len
 
 
 class DPO(PreferenceLoss):

@@ -134,6 +134,11 @@ class JanusAdapter(LMMAdapter):
             return True
         return False
 
+    def train(self, mode: bool = True) -> "JanusAdapter":
+        super().train(mode)
+        self.model.model.vqmodel.eval()  # frozen tokenizer: always in eval mode
+        return self
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """Weights (safetensors), config, tokenizer and processor: a folder that
         JanusForConditionalGeneration / JanusProcessor.from_pretrained and JanusAdapter(path=...) load."""

@@ -116,6 +116,7 @@ class Policy(L.LightningModule):
         return self._reference[0] if self._reference else None
 
     def on_fit_start(self) -> None:
+        self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
         # frozen copies live outside the module tree, so Lightning does not move them
         for frozen in (self.reference, self.scorer):
             if frozen is not None:
@@ -149,7 +150,7 @@ class Policy(L.LightningModule):
         stats.update(
             {
                 "loss": loss.detach(),
-                "pair_accuracy": (self.loss.implicit_margin(pairs) > 0).float().mean(),
+                "pair_accuracy": self.loss.prefers_chosen(pairs).float().mean(),
                 "logp_chosen": (pairs.chosen / pairs.chosen_len).mean().detach(),
                 "logp_rejected": (pairs.rejected / pairs.rejected_len).mean().detach(),
             }
