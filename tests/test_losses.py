@@ -48,6 +48,10 @@ def test_loss_classes_wrap_the_functions_and_margins_agree_in_sign():
     assert dpo.needs_reference and not simpo.needs_reference
     assert torch.allclose(dpo(pairs), -torch.nn.functional.logsigmoid(dpo.implicit_margin(pairs)))
     assert (dpo.implicit_margin(pairs) > 0).tolist() == [True, False]
+    # pair accuracy: SimPO's target margin is not part of the reward (-1.0/token beats -1.2/token)
+    big_gamma = SimPO(beta=2.0, gamma=5.0)
+    assert big_gamma.prefers_chosen(pairs).tolist() == [True, False]
+    assert (big_gamma.implicit_margin(pairs) < 0).all()
 
 
 def _policy(tiny_folder, loss):
