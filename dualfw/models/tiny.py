@@ -37,7 +37,7 @@ a an the photo of one two three four five and or left right above below on in is
 red orange yellow green blue purple pink brown black white grey gray circle square triangle
 circles squares triangles object objects shape shapes color colors small large big scene
 describe this image describe the image what do you see yes no not User Assistant
-Yes No Is there a photo of an object: at the top bottom middle center on the
+Answer: Yes No Is there a photo of an object: at the top bottom middle center on the
 bench sports ball clock fire hydrant teddy bear dog wine glass apple person cat car
 """
 
@@ -59,6 +59,8 @@ class TinyJanusSpec:
     codebook_size: int = 64
     vq_channel_multiplier: tuple[int, ...] = (1, 1, 2)
     vision_hidden_size: int = 32
+    vision_num_layers: int = 1
+    vision_num_heads: int = 2
     vocab_size: int = 512
     vq_embed_dim: int = 8
     vq_num_res_blocks: int = 1
@@ -132,8 +134,8 @@ def build_tiny_janus(spec: TinyJanusSpec | None = None):
     )
     vision_config = JanusVisionConfig(
         hidden_size=spec.vision_hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        num_hidden_layers=spec.vision_num_layers,
+        num_attention_heads=spec.vision_num_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         mlp_ratio=2,

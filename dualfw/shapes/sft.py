@@ -1,11 +1,13 @@
-"""Supervised training of the Shapes base model (dualfw/assets/shapes_base), four `dualfw fit` runs:
+"""Supervised training of the Shapes base model (dualfw/assets/shapes_base), six `dualfw fit` runs:
 
     export OMP_NUM_THREADS=1   # on 2 shared cores 1 thread ran 4-10x faster than 2 (measured)
     dualfw fit --config conf/shapes/vq.yaml          # A:  VQ tokenizer, 3000 steps
     dualfw fit --config conf/shapes/vq_refine.yaml   # A2: VQ, 1500 more steps at a lower rate
     dualfw fit --config conf/shapes/sft.yaml         # B:  VQ frozen; captions, yes/no, t2i; 1500 steps
     dualfw fit --config conf/shapes/sft_more.yaml    # B2: 2000 more steps of B
-    cp runs/shapes/base_more/* dualfw/assets/shapes_base/
+    dualfw fit --config conf/shapes/sft_b3.yaml      # B3: 1200 more, 70% yes/no questions
+    dualfw fit --config conf/shapes/sft_b4.yaml      # B4: 800 more, 90% questions, understanding x2
+    cp runs/shapes/base_b4/* dualfw/assets/shapes_base/
 
 Stage "vq" trains the Janus VQ tokenizer (encoder, codebook, decoder) to reconstruct rendered
 scenes. Stage "lm" freezes the VQ and trains everything else on captioning, yes/no questions and
@@ -13,7 +15,8 @@ text-to-image, through the same adapter methods inference uses (`understanding_p
 `understanding_pixels`, `generation_inputs`, `encode_images`), so training matches sampling.
 
 The data are generated on the fly by `ShapesDataModule`: batch i is a pure function of (seed, i).
-Seeds (seed_everything / data seed) are in the configs: A 0/0, A2 1/1, B 0/1, B2 2/2.
+Seeds (seed_everything / data seed) are in the configs: A 0/0, A2 1/1, B 0/1, B2 2/2, B3 3/3,
+B4 4/4.
 """
 
 from __future__ import annotations
@@ -194,6 +197,9 @@ class ShapesSFT(L.LightningModule):
         cfg_drop: probability that a t2i example's prompt is replaced by pad (the unconditional
             row of classifier-free guidance: BOS and <begin_of_image> are kept).
         export_dir: folder the trained model is saved to (save_pretrained, safetensors) when fit ends.
+        vq_from: a model folder (or "dualfw:..." asset) whose VQ tokenizer weights replace `model`'s
+            at start (same VQ config required), so stage "lm" can train a freshly built model
+            (e.g. other vision-encoder sizes) on an already trained tokenizer. None: keep `model`'s.
     """
 
     def __init__(
@@ -209,6 +215,7 @@ class ShapesSFT(L.LightningModule):
         t2i_weight: float = 1.0,
         cfg_drop: float = 0.1,
         export_dir: str | None = None,
+        vq_from: str | None = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -223,6 +230,12 @@ class ShapesSFT(L.LightningModule):
         self.understanding_weight, self.t2i_weight, self.cfg_drop = understanding_weight, t2i_weight, cfg_drop
         self.export_dir = export_dir
         vq = _vq(model)
+        if vq_from is not None:
+            source = _vq(JanusAdapter(path=vq_from)).state_dict()
+            target = vq.state_dict()
+            if source.keys() != target.keys() or any(source[k].shape != target[k].shape for k in source):
+                raise ConfigError(f"model.init_args.vq_from={vq_from!r}: its VQ config differs from the model's")
+            vq.load_state_dict(source)
         for p in model.parameters():
             p.requires_grad_(False)
         trainable = vq.parameters() if stage == "vq" else (
