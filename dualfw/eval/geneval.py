@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dualfw.data.jsonl import write_jsonl
+from dualfw.data.jsonl import iter_jsonl, write_jsonl
 from dualfw.eval.detection import ColorClassifier, Detection, Detector
 
 # --------------------------------------------------------------------------------------------------
@@ -184,18 +184,11 @@ def read_metadata(path: str | os.PathLike[str], colors: Sequence[str] = COLORS) 
     Raises MetadataError "<file>:<line>: <reason>" on malformed JSON or an invalid object.
     """
     prompts: list[GenEvalPrompt] = []
-    with open(path, encoding="utf-8") as fp:
-        for lineno, line in enumerate(fp, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetadataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            try:
-                prompts.append(parse_metadata(obj, colors))
-            except ValueError as e:
-                raise MetadataError(f"{path}:{lineno}: {e}") from None
+    for lineno, obj in iter_jsonl(path, MetadataError):
+        try:
+            prompts.append(parse_metadata(obj, colors))
+        except ValueError as e:
+            raise MetadataError(f"{path}:{lineno}: {e}") from None
     return prompts
 
 
