@@ -232,3 +232,19 @@ def test_joint_fit_end_to_end_counts_a_corrupt_image(tmp_path, tiny_folder):
     assert directions == {"t2i", "i2t"}
     i2t = next(r for r in read_rollouts(run / "rollouts.jsonl") if r["direction"] == "i2t")
     assert len(i2t["texts"]) == 2 and len(i2t["rewards"]) == 2 and "image" in i2t["meta"]
+
+
+def test_image_list_file_resolves_paths_and_names_bad_lines(tmp_path):
+    import json
+
+    from dualfw.data.images import list_images
+
+    listing = tmp_path / "images.jsonl"
+    listing.write_text(json.dumps({"image": "a.png"}) + "\n\n" + json.dumps({"path": "sub/b.png"}) + "\n")
+    assert list_images(listing) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]
+    listing.write_text(json.dumps({"image": "a.png"}) + "\n{broken\n")
+    with pytest.raises(ConfigError, match=r"images.jsonl:2: malformed JSON"):
+        list_images(listing)
+    listing.write_text(json.dumps({"caption": "no path"}) + "\n")
+    with pytest.raises(ConfigError, match=r"images.jsonl:1: expected an object with an 'image' or 'path' field"):
+        list_images(listing)

@@ -4,13 +4,13 @@ skipped, never fatal."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dualfw.data.jsonl import iter_jsonl
 from dualfw.data.prompts import resolve_path
 from dualfw.errors import ConfigError, MissingFileError
 
@@ -29,14 +29,8 @@ def list_images(path: str | Path, key: str = "data.images") -> list[Path]:
             raise ConfigError(f"image folder '{source}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) (set {key})")
         return files
     files = []
-    for lineno, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{source}:{lineno}: malformed JSON line ({err.msg})") from None
-        name = record.get("image", record.get("path")) if isinstance(record, dict) else None
+    for lineno, record in iter_jsonl(source, ConfigError):
+        name = record.get("image", record.get("path"))
         if not isinstance(name, str):
             raise ConfigError(f"{source}:{lineno}: expected an object with an 'image' or 'path' field")
         files.append(source.parent / name)
