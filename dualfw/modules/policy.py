@@ -188,8 +188,7 @@ class Policy(L.LightningModule):
         self.log_dict({f"data/{key}": value for key, value in batch.get("stats", {}).items()})
         if not losses:
             return None  # nothing to learn from in this batch (every input skipped)
-        if len(losses) > 1 or self.grad_norm_every_n_steps:
-            self._log_direction_grad_norms(losses)
+        self._log_direction_grad_norms(losses)
         total = sum(self.direction_weights[d] * loss for d, loss in losses.items())
         self.log("train/loss", total, prog_bar=True)
         return total
