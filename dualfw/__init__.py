@@ -6,7 +6,7 @@ from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
 from dualfw.models.janus import JanusAdapter
 from dualfw.modules.policy import LoraSpec, Policy
 from dualfw.modules.reference import Reference
-from dualfw.modules.scorer import DualScorer
+from dualfw.modules.scorer import DualScorer, RandomScorer
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ __all__ = [
     "IPO",
     "LoraSpec",
     "DualScorer",
+    "RandomScorer",
     "ImageSampling",
     "JanusAdapter",
     "LMMAdapter",

@@ -69,6 +69,17 @@ def grpo_loss(
     return policy_term + kl_beta * (torch.exp(delta) - delta - 1)
 
 
+def chosen_nll(chosen_logps: Tensor, chosen_len: Tensor) -> Tensor:
+    """A likelihood anchor on the chosen sample (RPO; SimPO's SFT regulariser), per pair:
+
+        L_nll = -log pi(y_w|x) / |y_w|
+
+    Added as `Policy(chosen_nll_weight=w)`: L = L_pref + w * L_nll. It keeps the chosen samples
+    likely, so a pair loss cannot win only by pushing both samples down.
+    """
+    return -chosen_logps / chosen_len
+
+
 @dataclass
 class PairLogps:
     """Summed log-probs and lengths of a batch of (chosen, rejected) pairs; ref_* only when needed."""

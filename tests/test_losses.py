@@ -4,7 +4,9 @@ import math
 
 import torch
 
-from dualfw.losses import DPO, PairLogps, SimPO, dpo_loss, simpo_loss
+import pytest
+
+from dualfw.losses import DPO, PairLogps, SimPO, chosen_nll, dpo_loss, simpo_loss
 
 
 def _sigmoid(x):
@@ -100,3 +102,25 @@ def test_a_few_optimizer_steps_raise_the_chosen_vs_rejected_margin(tiny_folder):
         after = _margin(policy, batch)
         assert after > before + 0.1, (type(loss).__name__, before, after)
         assert losses[-1] < losses[0]
+
+
+def test_chosen_nll_term_adds_its_weight_times_the_chosen_per_token_nll(tiny_folder):
+    from dualfw.errors import ConfigError
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import Policy
+    from dualfw.selfreward import sequence_logps
+
+    plain = Policy(JanusAdapter(path=str(tiny_folder)), loss=SimPO())
+    anchored = Policy(JanusAdapter(path=str(tiny_folder)), loss=SimPO(), chosen_nll_weight=0.5)
+    group = _fixed_pairs(plain)
+    with torch.no_grad():
+        base_loss, _ = plain.direction_loss(group)
+        total, stats = anchored.direction_loss(group)
+        logps, lengths = sequence_logps(plain.model, group, group.pairs[:, [0, 1]])
+    expected_nll = (-logps / lengths).mean()
+    assert torch.allclose(stats["chosen_nll"], expected_nll, atol=1e-5)
+    assert torch.allclose(total, base_loss + 0.5 * expected_nll, atol=1e-5)
+    assert torch.allclose(stats["loss"], base_loss, atol=1e-6)  # the stall check sees the pair loss only
+    assert torch.equal(chosen_nll(torch.tensor([-6.0]), torch.tensor([3.0])), torch.tensor([2.0]))
+    with pytest.raises(ConfigError, match="chosen_nll_weight"):
+        Policy(JanusAdapter(path=str(tiny_folder)), chosen_nll_weight=-1.0)

@@ -502,12 +502,22 @@ def summarize(results: Sequence[ImageResult]) -> GenEvalSummary:
 
 
 def overall_confidence_interval(
-    results: Sequence[ImageResult], level: float = 0.95, n_boot: int = 2000, seed: int = 0
+    results: Sequence[ImageResult], level: float = 0.95, n_boot: int = 2000, seed: int = 0,
+    resample: str = "prompts",
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval for `overall`, resampling PROMPTS with replacement within each
-    tag (stratified, so every replicate keeps all tags; the images of a prompt stay together since
-    they share the prompt's difficulty). Returns (low, high); (nan, nan) with no results.
-    A tag with a single prompt contributes no spread; with few prompts the interval is optimistic."""
+    """Percentile bootstrap interval for `overall`. Returns (low, high); (nan, nan) with no results.
+
+    resample="prompts": resample PROMPTS with replacement within each tag (stratified, so every
+    replicate keeps all tags; the images of a prompt stay together since they share the prompt's
+    difficulty): the spread over other prompt suites like this one. A tag with a single prompt
+    contributes no spread; with few prompts the interval is optimistic.
+    resample="images": resample IMAGES with replacement within each tag, ignoring which prompt
+    they belong to: the spread over sampling seeds, the right one when the suite is a whole finite
+    population (the Shapes world's every prompt) rather than a sample of prompts. (Resampling within
+    each prompt instead would be degenerate with one image per prompt; pooling a tag's prompts
+    makes the interval slightly conservative.)"""
+    if resample not in ("prompts", "images"):
+        raise ValueError(f"resample must be 'prompts' or 'images', got {resample!r}")
     if not results:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
@@ -520,6 +530,10 @@ def overall_confidence_interval(
                 c_n[0] += int(r.correct)
                 c_n[1] += 1
         arr = np.array(list(per_prompt.values()), dtype=np.float64)  # (prompts, 2)
+        if resample == "images":
+            n, c = int(arr[:, 1].sum()), arr[:, 0].sum()
+            tag_acc.append(rng.binomial(n, c / n, size=n_boot) / n)  # = resampling the tag's images
+            continue
         idx = rng.integers(0, len(arr), size=(n_boot, len(arr)))
         sums = arr[idx].sum(axis=1)  # (n_boot, 2): correct images, images
         tag_acc.append(sums[:, 0] / sums[:, 1])

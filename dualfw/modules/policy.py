@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 
 from dualfw.errors import ConfigError
-from dualfw.losses import PairLogps, PreferenceLoss, SimPO
+from dualfw.losses import PairLogps, PreferenceLoss, SimPO, chosen_nll
 from dualfw.models.base import LMMAdapter
 from dualfw.modules.reference import Reference
 from dualfw.modules.scorer import DualScorer
@@ -51,6 +51,8 @@ class Policy(L.LightningModule):
         stall_patience: warn when a pair loss has stayed within `stall_tolerance` of ln 2 (the
             policy does not separate chosen from rejected) for this many steps; 0 disables.
         stall_tolerance: see stall_patience.
+        chosen_nll_weight: weight w of a likelihood term on each pair's chosen sample,
+            L = L_pref + w * mean(-log pi(y_w|x) / |y_w|) (see dualfw.losses.chosen_nll); 0 = off.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Policy(L.LightningModule):
         grad_norm_every_n_steps: int = 10,
         stall_patience: int = 20,
         stall_tolerance: float = 0.01,
+        chosen_nll_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -75,6 +78,9 @@ class Policy(L.LightningModule):
         self.grad_norm_every_n_steps, self.stall_patience, self.stall_tolerance = (
             grad_norm_every_n_steps, stall_patience, stall_tolerance,
         )
+        if chosen_nll_weight < 0:
+            raise ConfigError(f"model.init_args.chosen_nll_weight must be >= 0, got {chosen_nll_weight}")
+        self.chosen_nll_weight = chosen_nll_weight
         self._stalled_steps = {"t2i": 0, "i2t": 0}
         self._peft = []  # the PeftModel wraps self.model's weights; a list keeps them from being saved twice
         initial = None  # how to reach the initial weights: a copy, or the LoRA model with adapters off
@@ -149,12 +155,16 @@ class Policy(L.LightningModule):
         loss = self.loss(pairs).mean()
         stats.update(
             {
-                "loss": loss.detach(),
+                "loss": loss.detach(),  # the preference loss alone (the ln 2 stall check reads it)
                 "pair_accuracy": self.loss.prefers_chosen(pairs).float().mean(),
                 "logp_chosen": (pairs.chosen / pairs.chosen_len).mean().detach(),
                 "logp_rejected": (pairs.rejected / pairs.rejected_len).mean().detach(),
             }
         )
+        if self.chosen_nll_weight:
+            nll = chosen_nll(pairs.chosen, pairs.chosen_len).mean()
+            stats["chosen_nll"] = nll.detach()
+            loss = loss + self.chosen_nll_weight * nll
         return loss, stats
 
     def _group_loss(self, group: Group, kept: torch.Tensor, stats: dict):
@@ -184,7 +194,7 @@ class Policy(L.LightningModule):
             self.log_dict({f"{direction}/{key}": value for key, value in stats.items()}, batch_size=n)
             if loss is not None:
                 losses[direction] = loss
-                self._check_stall(direction, loss.item())
+                self._check_stall(direction, float(stats["loss"]))
         self.log_dict({f"data/{key}": value for key, value in batch.get("stats", {}).items()})
         if not losses:
             return None  # nothing to learn from in this batch (every input skipped)

@@ -133,3 +133,25 @@ class DualScorer(L.LightningModule):
         if self.contrastive:
             rewards = rewards - self.image_loglik(image_tokens, [""] * b)[:, None]
         return rewards
+
+
+class RandomScorer(DualScorer):
+    """The random-pair control: every sample gets an independent uniform reward, so "best" and
+    "worst" are two random samples. A run with it changes the model through the loss and the
+    sampling alone; a self-reward run has to beat it by more than the evaluation's noise.
+
+    Args:
+        seed: seed of the reward stream (a resumed run restarts the stream from it).
+        batch_size: unused (kept so it swaps in for DualScorer in a config).
+    """
+
+    def __init__(self, seed: int = 0, batch_size: int = 32) -> None:
+        super().__init__(batch_size=batch_size)
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
+        return torch.rand(len(prompts), generator=self._generator).to(tokens.device)
+
+    def _text_rewards(self, image_tokens: Tensor, texts: list[list[str]]) -> Tensor:
+        return torch.rand(len(texts), len(texts[0]), generator=self._generator).to(image_tokens.device)

@@ -29,6 +29,46 @@ from dualfw.shapes.text import POPE_SPLITS, TAGS, enumerate_geneval_prompts, pop
 from dualfw.shapes.world import WorldConfig, render, sample_scene
 
 
+def within_group_auc(rewards: np.ndarray, correct: np.ndarray) -> float:
+    """How often the reward ranks a correct sample above an incorrect one of the SAME group:
+    over every (correct, incorrect) pair inside each row of `rewards` / `correct` ((groups, K)),
+    the fraction with the higher reward on the correct one (ties count 1/2). NaN with no such pair."""
+    wins, pairs = 0.0, 0
+    for r, c in zip(rewards, correct.astype(bool)):
+        good, bad = r[c], r[~c]
+        if len(good) and len(bad):
+            diff = good[:, None] - bad[None, :]
+            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.size
+    return wins / pairs if pairs else float("nan")
+
+
+def _judge(records: list[dict], images: list[np.ndarray], detector) -> tuple[list, list]:
+    lenient, strict = [], []
+    for record, image in zip(records, images):
+        dets = detector(image)
+        lenient.append(score_image(record, dets, image))
+        strict.append(score_image(record, dets, image, strict=True))
+    return lenient, strict
+
+
+def _summary(results: list) -> dict[str, Any]:
+    s = summarize(results)
+    return {
+        "overall": s.overall,
+        # every prompt of the world is evaluated, so the noise is the images' (see the CI's docstring)
+        "ci95": overall_confidence_interval(results, resample="images"),
+        "ci95_over_prompts": overall_confidence_interval(results, resample="prompts"),
+        "per_tag": s.per_tag,
+        "per_tag_ci95": {
+            tag: overall_confidence_interval([r for r in results if r.tag == tag], resample="images")
+            for tag in s.per_tag
+        },
+        "mean_objects": s.mean_objects,
+        "num_images": s.num_images,
+    }
+
+
 @torch.no_grad()
 def evaluate_geneval(
     adapter,
@@ -37,38 +77,65 @@ def evaluate_geneval(
     temperature: float = 1.0,
     seed: int = 0,
     prompts_per_batch: int = 16,
+    best_of: int = 1,
+    scorer=None,
 ) -> dict[str, Any]:
-    """Sample, detect and judge; returns lenient and strict summaries, CIs and per-image rows."""
+    """Sample, detect and judge every GenEval-style prompt of the world; returns lenient and strict
+    summaries (overall, per tag, 95% CIs, objects per image).
+
+    best_of > 1: each judged image is the best of `best_of` samples by `scorer` (a DualScorer
+    attached to `adapter`: best-of-K reranking by self-reward, no training). The report then also
+    holds the oracle's best-of-K (an image counts as correct when any candidate is), the
+    self-reward's within-prompt AUC against the judges, and objects per image of all candidates.
+    """
+    if best_of < 1:
+        raise ValueError(f"best_of must be >= 1, got {best_of}")
+    if best_of > 1 and scorer is None:
+        raise ValueError("best_of > 1 needs a scorer (e.g. DualScorer attached to the adapter)")
     world = WorldConfig(resolution=adapter.image_size)
     detector = ShapesDetector(world)
-    records = enumerate_geneval_prompts(world)
     by_tag: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
+    for r in enumerate_geneval_prompts(world):
         by_tag[r["tag"]].append(r)
     sampling = ImageSampling(guidance_scale=guidance_scale, temperature=temperature)
-    lenient, strict = [], []
+    lenient, strict, oracle_lenient, oracle_strict = [], [], [], []
+    all_rewards, all_ok, all_strict_ok, all_objects = [], [], [], []
     for t, tag in enumerate(TAGS):
         recs = by_tag[tag]
         k = max(1, math.ceil(images_per_tag / len(recs)))
         for b in range(0, len(recs), prompts_per_batch):
             chunk = recs[b : b + prompts_per_batch]
-            tokens = adapter.sample_images([r["prompt"] for r in chunk], k, sampling, seed=seed * 1000 + t * 100 + b)
+            prompts = [r["prompt"] for r in chunk]
+            tokens = adapter.sample_images(prompts, k * best_of, sampling, seed=seed * 1000 + t * 100 + b)
             images = to_uint8(adapter.decode_images(tokens.flatten(0, 1)))
-            for i, image in enumerate(images):
-                record = chunk[i // k]
-                dets = detector(image)
-                lenient.append(score_image(record, dets, image))
-                strict.append(score_image(record, dets, image, strict=True))
-    out: dict[str, Any] = {}
-    for name, results in (("lenient", lenient), ("strict", strict)):
-        s = summarize(results)
-        out[name] = {
-            "overall": s.overall,
-            "ci95": overall_confidence_interval(results),
-            "per_tag": s.per_tag,
-            "mean_objects": s.mean_objects,
-            "num_images": s.num_images,
-        }
+            rows = [r for r in chunk for _ in range(k * best_of)]
+            len_c, str_c = _judge(rows, images, detector)
+            if best_of == 1:
+                lenient += len_c
+                strict += str_c
+                continue
+            rewards = scorer.image_rewards(tokens.flatten(0, 1), [r["prompt"] for r in rows])
+            rewards = rewards.float().cpu().numpy().reshape(-1, best_of)  # (slots, best_of)
+            ok = np.array([r.correct for r in len_c]).reshape(-1, best_of)
+            ok_strict = np.array([r.correct for r in str_c]).reshape(-1, best_of)
+            pick = rewards.argmax(1)
+            for slot, j in enumerate(pick):
+                lenient.append(len_c[slot * best_of + j])
+                strict.append(str_c[slot * best_of + j])
+                best_l = slot * best_of + int(ok[slot].argmax())
+                best_s = slot * best_of + int(ok_strict[slot].argmax())
+                oracle_lenient.append(len_c[best_l])
+                oracle_strict.append(str_c[best_s])
+            all_rewards.append(rewards)
+            all_ok.append(ok)
+            all_strict_ok.append(ok_strict)
+            all_objects += [r.num_objects for r in len_c]
+    out: dict[str, Any] = {"lenient": _summary(lenient), "strict": _summary(strict), "best_of": best_of}
+    if best_of > 1:
+        rewards, ok, ok_strict = np.concatenate(all_rewards), np.concatenate(all_ok), np.concatenate(all_strict_ok)
+        out["oracle_best_of"] = {"lenient": _summary(oracle_lenient), "strict": _summary(oracle_strict)}
+        out["reward_auc"] = {"lenient": within_group_auc(rewards, ok), "strict": within_group_auc(rewards, ok_strict)}
+        out["candidates_mean_objects"] = float(np.mean(all_objects))
     return out
 
 
@@ -82,6 +149,7 @@ def evaluate_pope(adapter, n_images: int = 200, seed: int = 0, batch: int = 50) 
     pixels = {name: to_pixels([render(s)]) for name, s in zip(names, scenes)}
     greedy = TextSampling(temperature=0.0, max_new_tokens=4)
     out: dict[str, Any] = {}
+    per_image: dict[str, np.ndarray] = {}
     for split in POPE_SPLITS:
         questions = pope_questions(scenes, split, seed=seed, image_names=names, world=world)
         by_text: dict[str, list[dict]] = defaultdict(list)
@@ -96,13 +164,38 @@ def evaluate_pope(adapter, n_images: int = 200, seed: int = 0, batch: int = 50) 
                     answers[q["question_id"]] = texts[0]
         preds = [parse_answer_official(answers[q["question_id"]]) for q in questions]
         m = pope_metrics(preds, [q["label"] for q in questions])
-        out[split] = {"accuracy": m.accuracy, "f1": m.f1, "yes_ratio": m.yes_ratio, "n": m.n}
+        hits = np.zeros((n_images, 2))  # per image: right answers, questions
+        for q, p in zip(questions, preds):
+            hits[names.index(q["image"])] += (p == q["label"], 1)
+        per_image[split] = hits
+        ci = image_bootstrap_ci([hits])
+        out[split] = {"accuracy": m.accuracy, "ci95": ci[0], "f1": m.f1, "yes_ratio": m.yes_ratio, "n": m.n}
     out["mean_accuracy"] = float(np.mean([out[s]["accuracy"] for s in POPE_SPLITS]))
+    out["mean_accuracy_ci95"] = image_bootstrap_ci([per_image[s] for s in POPE_SPLITS])[1]
     return out
+
+
+def image_bootstrap_ci(
+    splits: list[np.ndarray], level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Percentile bootstrap over IMAGES (the questions about one image share its difficulty):
+    `splits` holds one (images, 2) array of (right answers, questions) per split, rows aligned by
+    image. Returns the interval of the first split's accuracy and of the mean over splits."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(splits[0]), size=(n_boot, len(splits[0])))
+    accs = np.stack([a[idx, 0].sum(1) / a[idx, 1].sum(1) for a in splits])  # (splits, n_boot)
+    alpha = (1.0 - level) / 2.0
+
+    def interval(x: np.ndarray) -> tuple[float, float]:
+        low, high = np.quantile(x, [alpha, 1.0 - alpha])
+        return (float(low), float(high))
+
+    return interval(accs[0]), interval(accs.mean(0))
 
 
 def main(argv: list[str] | None = None) -> None:
     from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.scorer import DualScorer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dualfw:assets/shapes_base")
@@ -110,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images-per-tag", type=int, default=96)
     ap.add_argument("--guidance-scale", type=float, default=2.0)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--best-of", type=int, default=1,
+                    help="judge the best of this many samples by the model's own R_G (no training)")
     ap.add_argument("--pope-images", type=int, default=200)
     ap.add_argument("--skip-pope", action="store_true")
     ap.add_argument("--skip-geneval", action="store_true")
@@ -120,8 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"args": vars(args)}
     if not args.skip_geneval:
         t = time.time()
+        scorer = None
+        if args.best_of > 1:
+            scorer = DualScorer()
+            scorer.attach(adapter)
         report["geneval"] = evaluate_geneval(
-            adapter, args.images_per_tag, args.guidance_scale, args.temperature, args.seed
+            adapter, args.images_per_tag, args.guidance_scale, args.temperature, args.seed,
+            best_of=args.best_of, scorer=scorer,
         )
         report["geneval_seconds"] = round(time.time() - t, 1)
     if not args.skip_pope:

@@ -1,0 +1,112 @@
+"""The pieces of the Shapes self-reward study: the control and oracle rewards, the evaluation's
+intervals and the reward-vs-judge agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dualfw.errors import ConfigError
+from dualfw.eval.geneval import ImageResult, overall_confidence_interval
+from dualfw.models.janus import JanusAdapter
+from dualfw.modules.scorer import RandomScorer
+from dualfw.shapes.evaluate import image_bootstrap_ci, within_group_auc
+from dualfw.shapes.oracle import OracleScorer
+from dualfw.shapes.sft import to_pixels
+from dualfw.shapes.text import enumerate_geneval_prompts
+from dualfw.shapes.world import WorldConfig, render, scene_for_record
+
+
+@pytest.fixture(scope="module")
+def base():
+    return JanusAdapter(path="dualfw:assets/shapes_base").eval()
+
+
+def test_oracle_rewards_a_rendered_match_and_fails_another_prompts_scene(base):
+    world = WorldConfig(resolution=32)
+    records = {r["prompt"]: r for r in enumerate_geneval_prompts(world)}
+    prompts = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
+    rng = np.random.default_rng(0)
+    scenes = [scene_for_record(records[p], rng, world) for p in prompts]
+    tokens = base.encode_images(to_pixels([render(s) for s in scenes]))
+    oracle = OracleScorer(judge="both")
+    oracle.attach(base)
+    # rendered exactly for their prompts (and nothing else): right under both judges
+    assert oracle.image_rewards(tokens, prompts).tolist() == [2.0, 2.0, 2.0]
+    # the same images under the wrong prompts: wrong under both
+    assert oracle.image_rewards(tokens, prompts[1:] + prompts[:1]).tolist() == [0.0, 0.0, 0.0]
+    lenient = OracleScorer(judge="lenient")
+    lenient.attach(base)
+    assert lenient.image_rewards(tokens[:1], prompts[:1]).tolist() == [1.0]
+
+
+def test_oracle_names_an_unknown_prompt_and_refuses_texts(base):
+    oracle = OracleScorer()
+    oracle.attach(base)
+    tokens = torch.zeros(1, base.num_image_tokens, dtype=torch.long)
+    with pytest.raises(ConfigError, match="'a photo of a dragon'"):
+        oracle.image_rewards(tokens, ["a photo of a dragon"])
+    with pytest.raises(ConfigError, match="images only"):
+        oracle.text_rewards(tokens, [["a circle"]])
+    with pytest.raises(ConfigError, match="scorer.judge"):
+        OracleScorer(judge="kind")
+
+
+def test_random_scorer_is_seeded_uniform_and_ignores_the_samples(tiny_adapter):
+    a, b = RandomScorer(seed=3), RandomScorer(seed=3)
+    for s in (a, b):
+        s.attach(tiny_adapter)
+    tokens = torch.zeros(400, tiny_adapter.num_image_tokens, dtype=torch.long)
+    ra = a.image_rewards(tokens, ["x"] * 400)
+    assert torch.equal(ra, b.image_rewards(tokens, ["x"] * 400))  # same seed, same stream
+    assert not torch.equal(ra, a.image_rewards(tokens, ["x"] * 400))  # the stream moves on
+    assert 0.0 <= ra.min() and ra.max() < 1.0 and abs(ra.mean().item() - 0.5) < 0.05
+    assert a.text_rewards(tokens[:3], [["p", "q"]] * 3).shape == (3, 2)
+
+
+def test_within_group_auc_against_pairwise_counting_across_groups():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(30, 6)).round(1)  # rounding makes ties
+    correct = rng.random((30, 6)) < 0.4
+    wins = pairs = 0.0
+    for g in range(30):
+        for i in range(6):
+            for j in range(6):
+                if correct[g, i] and not correct[g, j]:
+                    pairs += 1
+                    wins += 1.0 if rewards[g, i] > rewards[g, j] else 0.5 if rewards[g, i] == rewards[g, j] else 0.0
+    assert within_group_auc(rewards, correct) == pytest.approx(wins / pairs)
+    # a reward equal to the verdict ranks perfectly; groups all right or all wrong count for nothing
+    assert within_group_auc(correct.astype(float), correct) == 1.0
+    assert np.isnan(within_group_auc(np.ones((2, 3)), np.array([[1, 1, 1], [0, 0, 0]])))
+
+
+def _rows(tag: str, correct: list[bool]) -> list[ImageResult]:
+    return [ImageResult(tag, f"{tag} {i % 3}", c, "", [c], 1, {}) for i, c in enumerate(correct)]
+
+
+def test_image_resampling_interval_matches_the_binomial_width():
+    rng = np.random.default_rng(1)
+    p = {"colors": 0.6, "counting": 0.1, "position": 0.3}
+    n = 400
+    rows = [r for tag, q in p.items() for r in _rows(tag, list(rng.random(n) < q))]
+    acc = {tag: np.mean([r.correct for r in rows if r.tag == tag]) for tag in p}
+    sd = np.sqrt(sum(a * (1 - a) / n for a in acc.values())) / len(p)
+    lo, hi = overall_confidence_interval(rows, n_boot=4000, resample="images")
+    assert (hi - lo) / 2 == pytest.approx(1.96 * sd, rel=0.1)
+    # one image per prompt: resampling over images still has width (within prompts it would not)
+    single = [ImageResult("colors", f"p{i}", i % 2 == 0, "", [True], 1, {}) for i in range(100)]
+    lo, hi = overall_confidence_interval(single, resample="images")
+    assert hi - lo > 0.1
+    with pytest.raises(ValueError, match="resample"):
+        overall_confidence_interval(rows, resample="tags")
+
+
+def test_pope_interval_resamples_images_and_averages_splits():
+    # split A: every image right; split B: right on half of the images
+    a = np.tile([[4.0, 4.0]], (50, 1))
+    b = np.array([[4.0, 4.0] if i % 2 else [0.0, 4.0] for i in range(50)])
+    (alo, ahi), (mlo, mhi) = image_bootstrap_ci([a, b])
+    assert alo == ahi == 1.0
+    assert mlo < 0.75 < mhi and mhi - mlo < 0.2
