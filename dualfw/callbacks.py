@@ -49,5 +49,6 @@ class ExportPretrained(L.Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
+        # a sharded (FSDP2) model is gathered by every rank and written by rank 0
+        if trainer.is_global_zero or getattr(pl_module, "_sharded", False):
             pl_module.export_pretrained(Path(run_folder(trainer)) / self.dirname)

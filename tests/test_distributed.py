@@ -67,6 +67,14 @@ def test_fsdp2_two_ranks_fit_checkpoint_and_resume(tmp_path):
         assert len(rollouts[0]["image_tokens"]) == 2 and len(rollouts[0]["rewards"]) == 2
     # disjoint prompt chunks: the two ranks' first rounds differ
     assert first[0][0]["seed"] != first[1][0]["seed"]
+    # ExportPretrained gathers the shards into one whole model (written by rank 0)
+    from dualfw.models.janus import JanusAdapter
+
+    exported = JanusAdapter(path=str(run / "export")).model.state_dict()
+    base = JanusAdapter(path="dualfw:assets/shapes_base").model.state_dict()
+    assert exported.keys() == base.keys() and all(exported[k].shape == base[k].shape for k in base)
+    changed = [k for k in base if not torch.equal(exported[k], base[k])]
+    assert changed and not any("vqmodel" in k for k in changed)  # trained; the VQ stays frozen
 
     result = _fit(tmp_path, "--trainer.max_steps=3", f"--ckpt_path={last}")
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr

@@ -142,8 +142,18 @@ class JanusAdapter(LMMAdapter):
     def save_pretrained(self, folder: str | Path) -> Path:
         """Weights (safetensors), config, tokenizer and processor: a folder that
         JanusForConditionalGeneration / JanusProcessor.from_pretrained and JanusAdapter(path=...) load."""
+        from torch.distributed.fsdp import FSDPModule
+
         folder = Path(folder)
-        self.model.save_pretrained(folder)
+        state_dict = None
+        if isinstance(self.model, FSDPModule):  # sharded (FSDP2): every rank must call this
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state_dict = get_model_state_dict(self.model, options=options)  # gathered on rank 0
+            if torch.distributed.get_rank() != 0:
+                return folder
+        self.model.save_pretrained(folder, state_dict=state_dict)
         self.processor.save_pretrained(folder)
         return folder
 
