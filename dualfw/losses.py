@@ -172,6 +172,19 @@ class IPO(PreferenceLoss):
         return (pairs.chosen - pairs.ref_chosen) - (pairs.rejected - pairs.ref_rejected)
 
 
+class ChosenNLL(PreferenceLoss):
+    """Best-of-K fine-tuning (rejection-sampling fine-tuning): only the chosen sample of each pair
+    is learned, by its per-token likelihood (`chosen_nll`); the rejected one is ignored. The
+    conservative end of the family: it never pushes a sample's likelihood down.
+    """
+
+    def __call__(self, pairs: PairLogps) -> Tensor:
+        return chosen_nll(pairs.chosen, pairs.chosen_len)
+
+    def implicit_margin(self, pairs: PairLogps) -> Tensor:
+        return pairs.chosen / pairs.chosen_len - pairs.rejected / pairs.rejected_len
+
+
 class GRPO(PreferenceLoss):
     """GRPO over the K samples of each input (group-normalised self-rewards as advantages).
 

@@ -124,3 +124,16 @@ def test_chosen_nll_term_adds_its_weight_times_the_chosen_per_token_nll(tiny_fol
     assert torch.equal(chosen_nll(torch.tensor([-6.0]), torch.tensor([3.0])), torch.tensor([2.0]))
     with pytest.raises(ConfigError, match="chosen_nll_weight"):
         Policy(JanusAdapter(path=str(tiny_folder)), chosen_nll_weight=-1.0)
+
+
+def test_chosen_nll_loss_learns_the_chosen_sample_only():
+    from dualfw.losses import ChosenNLL
+
+    chosen = torch.tensor([-6.0, -2.0], requires_grad=True)
+    rejected = torch.tensor([-1.0, -9.0], requires_grad=True)
+    pairs = PairLogps(chosen, rejected, torch.tensor([3.0, 2.0]), torch.tensor([1.0, 3.0]))
+    loss = ChosenNLL()(pairs)
+    assert torch.allclose(loss, torch.tensor([2.0, 1.0]))
+    loss.sum().backward()
+    assert torch.allclose(chosen.grad, torch.tensor([-1 / 3, -1 / 2])) and rejected.grad is None
+    assert ChosenNLL().prefers_chosen(pairs).tolist() == [False, True]  # -2 < -1 per token; -1 > -3
