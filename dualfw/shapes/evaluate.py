@@ -99,7 +99,7 @@ def evaluate_geneval(
         by_tag[r["tag"]].append(r)
     sampling = ImageSampling(guidance_scale=guidance_scale, temperature=temperature)
     lenient, strict, oracle_lenient, oracle_strict = [], [], [], []
-    all_rewards, all_ok, all_strict_ok, all_objects = [], [], [], []
+    all_rewards, all_ok, all_strict_ok, all_objects, all_tags = [], [], [], [], []
     for t, tag in enumerate(TAGS):
         recs = by_tag[tag]
         k = max(1, math.ceil(images_per_tag / len(recs)))
@@ -129,14 +129,46 @@ def evaluate_geneval(
             all_rewards.append(rewards)
             all_ok.append(ok)
             all_strict_ok.append(ok_strict)
+            all_tags += [tag] * len(rewards)
             all_objects += [r.num_objects for r in len_c]
     out: dict[str, Any] = {"lenient": _summary(lenient), "strict": _summary(strict), "best_of": best_of}
     if best_of > 1:
         rewards, ok, ok_strict = np.concatenate(all_rewards), np.concatenate(all_ok), np.concatenate(all_strict_ok)
         out["oracle_best_of"] = {"lenient": _summary(oracle_lenient), "strict": _summary(oracle_strict)}
         out["reward_auc"] = {"lenient": within_group_auc(rewards, ok), "strict": within_group_auc(rewards, ok_strict)}
+        tags = np.array(all_tags)
+        out["reward_auc_per_tag"] = {t: within_group_auc(rewards[tags == t], ok[tags == t]) for t in TAGS}
         out["candidates_mean_objects"] = float(np.mean(all_objects))
     return out
+
+
+@torch.no_grad()
+def background_token_stats(
+    adapter, prompts_stride: int = 6, max_prompts: int = 40, k: int = 8, guidance_scale: float = 2.0, seed: int = 0
+) -> dict[str, float]:
+    """Where the likelihood of a sampled image sits: the share of its tokens whose 4x4-pixel patch
+    (as decoded) is plain background, how many distinct codes spell those patches, and the share of
+    log pi(image | prompt) they carry. A preference loss over whole-image likelihoods weighs every
+    token alike, so when background codes are many and interchangeable their choice dominates it."""
+    world = WorldConfig(resolution=adapter.image_size)
+    prompts = [r["prompt"] for r in enumerate_geneval_prompts(world)][::prompts_stride][:max_prompts]
+    tokens = adapter.sample_images(prompts, k, ImageSampling(guidance_scale=guidance_scale), seed=seed).flatten(0, 1)
+    images = np.stack(to_uint8(adapter.decode_images(tokens))).astype(int)
+    n, side = len(images), int(round(tokens.shape[1] ** 0.5))
+    cell = adapter.image_size // side
+    patches = images.reshape(n, side, cell, side, cell, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, side * side, -1, 3)
+    background = (np.abs(patches - np.array(world.background)).max(-1) <= 24).all(-1)  # (n, tokens)
+    rows = [p for p in prompts for _ in range(k)]
+    logps = torch.cat([adapter.image_logprobs(rows[i : i + 64], tokens[i : i + 64]) for i in range(0, n, 64)]).cpu().numpy()
+    codes = tokens.cpu().numpy()
+    return {
+        "background_token_share": float(background.mean()),
+        "background_codes": len(set(codes[background].tolist())),
+        "object_codes": len(set(codes[~background].tolist())),
+        "background_logp_per_token": float(logps[background].mean()),
+        "object_logp_per_token": float(logps[~background].mean()),
+        "background_share_of_image_logp": float(logps[background].sum() / logps.sum()),
+    }
 
 
 @torch.no_grad()
@@ -208,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pope-images", type=int, default=200)
     ap.add_argument("--skip-pope", action="store_true")
     ap.add_argument("--skip-geneval", action="store_true")
+    ap.add_argument("--tokens", action="store_true", help="also measure where sampled images' likelihood sits (background_token_stats)")
     ap.add_argument("--out", default=None, help="also write the report (JSON) to this file")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -224,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             best_of=args.best_of, scorer=scorer,
         )
         report["geneval_seconds"] = round(time.time() - t, 1)
+    if args.tokens:
+        report["tokens"] = background_token_stats(adapter, guidance_scale=args.guidance_scale, seed=args.seed)
     if not args.skip_pope:
         t = time.time()
         report["pope"] = evaluate_pope(adapter, args.pope_images, args.seed)
