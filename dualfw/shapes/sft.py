@@ -1,4 +1,4 @@
-"""Supervised training of the Shapes base model (dualfw/assets/shapes_base), six `dualfw fit` runs:
+"""Supervised training of the Shapes base model (dualfw/assets/shapes_base), seven `dualfw fit` runs:
 
     export OMP_NUM_THREADS=1   # on 2 shared cores 1 thread ran 4-10x faster than 2 (measured)
     dualfw fit --config conf/shapes/vq.yaml          # A:  VQ tokenizer, 3000 steps
@@ -7,7 +7,8 @@
     dualfw fit --config conf/shapes/sft_more.yaml    # B2: 2000 more steps of B
     dualfw fit --config conf/shapes/sft_b3.yaml      # B3: 1200 more, 70% yes/no questions
     dualfw fit --config conf/shapes/sft_b4.yaml      # B4: 800 more, 90% questions, understanding x2
-    cp runs/shapes/base_b4/* dualfw/assets/shapes_base/
+    dualfw fit --config conf/shapes/sft_b5.yaml      # B5: 1500 more, 24 understanding + 12 t2i per step
+    cp runs/shapes/base_b5/* dualfw/assets/shapes_base/
 
 Stage "vq" trains the Janus VQ tokenizer (encoder, codebook, decoder) to reconstruct rendered
 scenes. Stage "lm" freezes the VQ and trains everything else on captioning, yes/no questions and
@@ -16,7 +17,7 @@ text-to-image, through the same adapter methods inference uses (`understanding_p
 
 The data are generated on the fly by `ShapesDataModule`: batch i is a pure function of (seed, i).
 Seeds (seed_everything / data seed) are in the configs: A 0/0, A2 1/1, B 0/1, B2 2/2, B3 3/3,
-B4 4/4.
+B4 4/4, B5 5/5.
 """
 
 from __future__ import annotations
