@@ -22,10 +22,10 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("DUALFW_DISTRIBUTED_TESTS", "1") == "0", reason="DUALFW_DISTRIBUTED_TESTS=0: 2-process CPU fit skipped"
 )
 
-def _fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def _fit(tmp_path: Path, *extra: str, recipe: str = "t2i") -> subprocess.CompletedProcess:
     args = [
         "fit",
-        "--config", str(ROOT / "conf" / "t2i.yaml"),
+        "--config", str(ROOT / "conf" / f"{recipe}.yaml"),
         "--config", str(ROOT / "conf" / "strategies" / "fsdp2.yaml"),
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
@@ -40,7 +40,7 @@ def _fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.name=t2i",
+        f"--trainer.logger.name={recipe}",
         "--trainer.logger.version=run",
         *extra,
     ]
@@ -83,3 +83,14 @@ def test_fsdp2_two_ranks_fit_checkpoint_and_resume(tmp_path):
         rollouts = list(read_rollouts(run / f"rollouts.rank{rank}.jsonl"))
         assert len(rollouts) > len(first[rank])  # appended after the resume, nothing lost
         assert max(r["step"] for r in rollouts) == 2  # the resumed run sampled at global step 2
+
+
+def test_fsdp2_two_ranks_i2t_with_descriptions_of_different_lengths(tmp_path):
+    # sampled descriptions end at different steps on the two ranks; generate must keep both
+    # ranks stepping (every sharded forward is a collective) or the run hangs
+    _fit(tmp_path, "--trainer.max_steps=2", "--data.init_args.text_sampling.max_new_tokens=12", recipe="i2t")
+    lengths = {
+        rank: {len(t) for r in read_rollouts(tmp_path / "i2t" / "run" / f"rollouts.rank{rank}.jsonl") for t in r["texts"]}
+        for rank in (0, 1)
+    }
+    assert all(lengths.values()) and len(lengths[0] | lengths[1]) > 1, lengths

@@ -94,7 +94,9 @@ class SelfRewardStream:
                 group = dm.sample(direction, policy, self._chunk, self.epoch, index, seed)
                 if group is not None:
                     dm.record(group, seed, epoch=self.epoch, step=trainer.global_step)
-                    if len(group.pairs) or dm.keep_unpaired:
+                    # with several ranks every rank must take a training step (its collectives),
+                    # so a group without pairs still goes in (the Policy gives it a zero loss)
+                    if len(group.pairs) or dm.keep_unpaired or world > 1:
                         batch[direction] = group
             for module, training in modes.items():
                 module.train(training)

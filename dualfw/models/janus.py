@@ -134,6 +134,11 @@ class JanusAdapter(LMMAdapter):
             return True
         return False
 
+    def _sharded_across_ranks(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.model, FSDPModule) and torch.distributed.get_world_size() > 1
+
     def train(self, mode: bool = True) -> "JanusAdapter":
         super().train(mode)
         self.model.model.vqmodel.eval()  # frozen tokenizer: always in eval mode
@@ -348,6 +353,7 @@ class JanusAdapter(LMMAdapter):
             if seed is not None:
                 torch.manual_seed(seed)
             # a fresh config: the checkpoint's carries image-generation settings (guidance_scale)
+            self._gather_root()  # Janus' generate reaches the root unit's weights before its first forward
             config = GenerationConfig(
                 max_length=len(prefix) + sampling.max_new_tokens,  # max_new_tokens too would warn at every call
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id,
@@ -356,6 +362,8 @@ class JanusAdapter(LMMAdapter):
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
                 generation_config=config, generation_mode="text",
+                # sharded: every forward is a collective, so ranks keep stepping until all are done
+                synced_gpus=self._sharded_across_ranks(),
             )
         texts = self.processor.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         texts = [t.strip() for t in texts]

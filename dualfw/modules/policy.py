@@ -144,7 +144,7 @@ class Policy(L.LightningModule):
         if self.loss.over_groups:
             return self._group_loss(group, kept, stats)
         if not len(group.pairs):
-            return None, stats
+            return self._idle_loss(group), stats
         n = len(group.pairs)
         samples = torch.cat([group.pairs[:, [0, 1]], group.pairs[:, [0, 2]]])
         logps, lengths = sequence_logps(self.model, group, samples)
@@ -170,7 +170,7 @@ class Policy(L.LightningModule):
     def _group_loss(self, group: Group, kept: torch.Tensor, stats: dict):
         rows = kept.nonzero().squeeze(-1)
         if not len(rows):
-            return None, stats
+            return self._idle_loss(group), stats
         k = group.rewards.shape[1]
         samples = torch.stack([rows.repeat_interleave(k), torch.arange(k, device=rows.device).repeat(len(rows))], 1)
         logps, lengths = sequence_logps(self.model, group, samples)
@@ -183,6 +183,15 @@ class Policy(L.LightningModule):
         stats.update({"loss": loss.detach(), "logp_mean": per_token.mean().detach()})
         return loss, stats
 
+    def _idle_loss(self, group: Group) -> torch.Tensor | None:
+        """Nothing to learn from `group` (every input skipped). Alone: None (no backward). With
+        several ranks: a zero-weighted loss through the same forward, since every rank must run the
+        same forward/backward collectives (FSDP all-gathers, DDP all-reduces) or they wait forever."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        logps, _ = sequence_logps(self.model, group, torch.zeros(1, 2, dtype=torch.long, device=self.device))
+        return 0.0 * logps.sum()
+
     # ---- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         losses = {}
@@ -194,7 +203,8 @@ class Policy(L.LightningModule):
             self.log_dict({f"{direction}/{key}": value for key, value in stats.items()}, batch_size=n)
             if loss is not None:
                 losses[direction] = loss
-                self._check_stall(direction, float(stats["loss"]))
+                if "loss" in stats:  # absent for an idle (zero-weighted) loss
+                    self._check_stall(direction, float(stats["loss"]))
         self.log_dict({f"data/{key}": value for key, value in batch.get("stats", {}).items()})
         if not losses:
             return None  # nothing to learn from in this batch (every input skipped)
