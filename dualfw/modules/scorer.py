@@ -142,11 +142,10 @@ class RandomScorer(DualScorer):
 
     Args:
         seed: seed of the reward stream (a resumed run restarts the stream from it).
-        batch_size: unused (kept so it swaps in for DualScorer in a config).
     """
 
-    def __init__(self, seed: int = 0, batch_size: int = 32) -> None:
-        super().__init__(batch_size=batch_size)
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
