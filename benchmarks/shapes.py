@@ -36,10 +36,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dualfw.shapes.text import POPE_SPLITS as SPLITS, TAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "dualfw:assets/shapes_base"
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-SPLITS = ("random", "popular", "adversarial")
 
 # The training runs: a recipe and its overrides. They differ only in where the pairs come from.
 FITS: dict[str, list[str]] = {

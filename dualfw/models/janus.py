@@ -124,9 +124,7 @@ class JanusAdapter(LMMAdapter):
         """All-gather the root FSDP unit's weights (True), if the model is sharded: our calls go
         to submodules (embeddings, language model, heads), never to the root's own forward, which
         is where FSDP would do it. Every rank must get here equally often (a collective)."""
-        from torch.distributed.fsdp import FSDPModule
-
-        if isinstance(self.model, FSDPModule):
+        if self._is_sharded:
             # FSDP picks the root at the first forward it sees; ours never runs, so do it here (all
             # units then share one backward callback that reduce-scatters the root's gradients)
             self.model._get_fsdp_state()._lazy_init()
@@ -134,10 +132,12 @@ class JanusAdapter(LMMAdapter):
             return True
         return False
 
-    def _sharded_across_ranks(self) -> bool:
+    @property
+    def _is_sharded(self) -> bool:
+        """The model was sharded by `fully_shard` (FSDP2)."""
         from torch.distributed.fsdp import FSDPModule
 
-        return isinstance(self.model, FSDPModule) and torch.distributed.get_world_size() > 1
+        return isinstance(self.model, FSDPModule)
 
     def train(self, mode: bool = True) -> "JanusAdapter":
         super().train(mode)
@@ -147,11 +147,9 @@ class JanusAdapter(LMMAdapter):
     def save_pretrained(self, folder: str | Path) -> Path:
         """Weights (safetensors), config, tokenizer and processor: a folder that
         JanusForConditionalGeneration / JanusProcessor.from_pretrained and JanusAdapter(path=...) load."""
-        from torch.distributed.fsdp import FSDPModule
-
         folder = Path(folder)
         state_dict = None
-        if isinstance(self.model, FSDPModule):  # sharded (FSDP2): every rank must call this
+        if self._is_sharded:  # every rank must call this
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -363,7 +361,7 @@ class JanusAdapter(LMMAdapter):
                 input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
                 generation_config=config, generation_mode="text",
                 # sharded: every forward is a collective, so ranks keep stepping until all are done
-                synced_gpus=self._sharded_across_ranks(),
+                synced_gpus=self._is_sharded and torch.distributed.get_world_size() > 1,
             )
         texts = self.processor.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         texts = [t.strip() for t in texts]

@@ -146,7 +146,6 @@ class RandomScorer(DualScorer):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:

@@ -43,7 +43,9 @@ def within_group_auc(rewards: np.ndarray, correct: np.ndarray) -> float:
     return wins / pairs if pairs else float("nan")
 
 
-def _judge(records: list[dict], images: list[np.ndarray], detector) -> tuple[list, list]:
+def judge_images(records: list[dict], images: list[np.ndarray], detector) -> tuple[list, list]:
+    """Detect once per image and judge it against its record by GenEval's rules: (lenient, strict)
+    lists of ImageResult, the strict judge also failing any object the prompt does not ask for."""
     lenient, strict = [], []
     for record, image in zip(records, images):
         dets = detector(image)
@@ -109,7 +111,7 @@ def evaluate_geneval(
             tokens = adapter.sample_images(prompts, k * best_of, sampling, seed=seed * 1000 + t * 100 + b)
             images = to_uint8(adapter.decode_images(tokens.flatten(0, 1)))
             rows = [r for r in chunk for _ in range(k * best_of)]
-            len_c, str_c = _judge(rows, images, detector)
+            len_c, str_c = judge_images(rows, images, detector)
             if best_of == 1:
                 lenient += len_c
                 strict += str_c

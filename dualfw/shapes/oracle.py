@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from dualfw.errors import ConfigError
-from dualfw.eval.geneval import score_image
 from dualfw.modules.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
+from dualfw.shapes.evaluate import judge_images
 from dualfw.shapes.sft import to_uint8
 from dualfw.shapes.text import enumerate_geneval_prompts
 from dualfw.shapes.world import WorldConfig
@@ -66,14 +66,13 @@ class OracleScorer(DualScorer):
                 f"OracleScorer: prompt {unknown[0]!r} is not a Shapes-world GenEval prompt "
                 "(train on dualfw:assets/shapes_prompts.jsonl or prompts from enumerate_geneval_prompts)"
             )
+        use_lenient, use_strict = self.judge != "strict", self.judge != "lenient"
         rewards = []
         for part in self._chunks(len(prompts)):
             images = to_uint8(self.model.decode_images(tokens[part]))
-            for prompt, image in zip(prompts[part], images):
-                record, dets = self._records[prompt], self._detector(image)
-                lenient = score_image(record, dets, image).correct if self.judge != "strict" else False
-                strict = score_image(record, dets, image, strict=True).correct if self.judge != "lenient" else False
-                rewards.append(float(lenient) + float(strict))
+            lenient, strict = judge_images([self._records[p] for p in prompts[part]], images, self._detector)
+            for right, strictly in zip(lenient, strict):
+                rewards.append(float(use_lenient and right.correct) + float(use_strict and strictly.correct))
         return torch.tensor(rewards, device=tokens.device)
 
     def _text_rewards(self, image_tokens: Tensor, texts: list[list[str]]) -> Tensor:
