@@ -1,23 +1,23 @@
-"""Supervised training of the Shapes base model (dualfw/assets/shapes_base), seven `dualfw fit` runs:
+"""Supervised training of the Shapes base model (dualfw/assets/shapes_base) by `dualfw fit` runs.
 
-    export OMP_NUM_THREADS=1   # on 2 shared cores 1 thread ran 4-10x faster than 2 (measured)
-    dualfw fit --config conf/shapes/vq.yaml          # A:  VQ tokenizer, 3000 steps
-    dualfw fit --config conf/shapes/vq_refine.yaml   # A2: VQ, 1500 more steps at a lower rate
-    dualfw fit --config conf/shapes/sft.yaml         # B:  VQ frozen; captions, yes/no, t2i; 1500 steps
-    dualfw fit --config conf/shapes/sft_more.yaml    # B2: 2000 more steps of B
-    dualfw fit --config conf/shapes/sft_b3.yaml      # B3: 1200 more, 70% yes/no questions
-    dualfw fit --config conf/shapes/sft_b4.yaml      # B4: 800 more, 90% questions, understanding x2
-    dualfw fit --config conf/shapes/sft_b5.yaml      # B5: 1500 more, 24 understanding + 12 t2i per step
-    cp runs/shapes/base_b5/* dualfw/assets/shapes_base/
+From scratch in ~26 min on 2 cores, `python -m dualfw.shapes.build` (1a and 1b at once):
+
+    dualfw fit --config conf/shapes/tokenizer.yaml   # 1a: VQ tokenizer, background on one code
+    dualfw fit --config conf/shapes/reader.yaml      # 1b: captions + yes/no questions, draws nothing
+    dualfw fit --config conf/shapes/base.yaml        # 2:  1b's model with 1a's VQ: read and draw
+
+The shipped checkpoint is instead the longer chain (its README has the commands and figures):
+vq, vq_refine, sft, sft_more, sft_b3, sft_b4, sft_b5 (the first base, its own tokenizer), then
+tokenizer (1a above) and sft_c1 .. sft_c3, which teach that model to draw with the new tokenizer.
 
 Stage "vq" trains the Janus VQ tokenizer (encoder, codebook, decoder) to reconstruct rendered
 scenes. Stage "lm" freezes the VQ and trains everything else on captioning, yes/no questions and
 text-to-image, through the same adapter methods inference uses (`understanding_prefix_ids`,
-`understanding_pixels`, `generation_inputs`, `encode_images`), so training matches sampling.
+`understanding_pixels`, `generation_inputs`, `encode_images`), so training matches sampling; with
+`t2i_batch_size: 0` it trains the reader alone, which needs no tokenizer yet.
 
-The data are generated on the fly by `ShapesDataModule`: batch i is a pure function of (seed, i).
-Seeds (seed_everything / data seed) are in the configs: A 0/0, A2 1/1, B 0/1, B2 2/2, B3 3/3,
-B4 4/4, B5 5/5.
+The data are generated on the fly by `ShapesDataModule`: batch i is a pure function of (seed, i);
+the seeds are in the configs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from dualfw.shapes.text import (
     scene_entities,
     TAGS,
 )
-from dualfw.shapes.world import WorldConfig, render, sample_scene, scene_for_record
+from dualfw.shapes.world import BACKGROUND, WorldConfig, render, sample_scene, scene_for_record
 
 STAGES = ("vq", "lm")
 DESCRIBE = "Describe this image."
@@ -95,7 +95,8 @@ class ShapesDataModule(L.LightningDataModule):
     Args:
         stage: "vq" (images only) or "lm" (understanding and text-to-image examples).
         batch_size: images per batch ("vq"), understanding examples per batch ("lm").
-        t2i_batch_size: text-to-image examples per batch ("lm"); None = batch_size.
+        t2i_batch_size: text-to-image examples per batch ("lm"); None = batch_size; 0 = an
+            understanding-only stage (it needs no trained VQ, so it can run beside the VQ stage).
         seed: the data seed; batch i is a function of (seed, i) only.
         resolution: image side in pixels (the model's image size).
         question_prob: share of understanding examples that are yes/no questions (rest: captions).
@@ -122,6 +123,8 @@ class ShapesDataModule(L.LightningDataModule):
             raise ConfigError(f"data.init_args.stage must be one of {STAGES}, got {stage!r}")
         if batch_size < 1:
             raise ConfigError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
+        if t2i_batch_size is not None and t2i_batch_size < 0:
+            raise ConfigError(f"data.init_args.t2i_batch_size must be >= 0, got {t2i_batch_size}")
         for name, p in (("question_prob", question_prob), ("full_caption_prob", full_caption_prob),
                         ("shape_only_prob", shape_only_prob)):
             if not 0.0 <= p <= 1.0:
@@ -163,7 +166,7 @@ class ShapesDataModule(L.LightningDataModule):
             "u_pixels": to_pixels(u_images),
             "instructions": instructions,
             "answers": answers,
-            "g_pixels": to_pixels(g_images),
+            "g_pixels": to_pixels(g_images) if g_images else torch.zeros(0, 3, self.world.resolution, self.world.resolution),
             "prompts": prompts,
         }
 
@@ -172,6 +175,14 @@ class ShapesDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(ShapesStream(self, self.seed + 10_000, limit=self.val_batches), batch_size=None, num_workers=0)
+
+
+def background_patches(pixels: torch.Tensor, grid: tuple[int, int], background=BACKGROUND) -> torch.Tensor:
+    """(n, 3, H, W) images in [0, 1] -> (n, h, w) bool: the patches of a `grid` whose pixels are all
+    the background color (to within one 8-bit level)."""
+    color = torch.tensor(background, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1) / 255
+    off = ((pixels - color).abs() > 1.5 / 255).any(1, keepdim=True).float()
+    return F.adaptive_max_pool2d(off, grid)[:, 0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +205,13 @@ class ShapesSFT(L.LightningModule):
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10% over
             trainer.max_steps.
         vq_beta: commitment weight. restart_every: steps between dead-code restarts (0: never).
+        background_code: stage "vq": the code every pure-background patch must use (None: no rule).
+            Without it the encoder (GroupNorm and attention see the whole image) spells plain
+            background with hundreds of interchangeable codes, which then carry most of an image's
+            log-likelihood; with it background is one token and a sample's likelihood is about its
+            objects. Other patches are assigned among the remaining codes; a two-way cross-entropy
+            (background code vs the best other code, temperature 0.1) keeps inference's nearest-code
+            lookup on the right side for every patch.
         understanding_weight, t2i_weight: weights of the two stage-"lm" losses.
         cfg_drop: probability that a t2i example's prompt is replaced by pad (the unconditional
             row of classifier-free guidance: BOS and <begin_of_image> are kept).
@@ -212,6 +230,7 @@ class ShapesSFT(L.LightningModule):
         warmup_steps: int = 50,
         vq_beta: float = 0.25,
         restart_every: int = 50,
+        background_code: int | None = None,
         understanding_weight: float = 1.0,
         t2i_weight: float = 1.0,
         cfg_drop: float = 0.1,
@@ -228,6 +247,10 @@ class ShapesSFT(L.LightningModule):
         self.model, self.stage = model, stage
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.vq_beta, self.restart_every = vq_beta, restart_every
+        n_codes = _vq(model).quantize.num_embeddings
+        if background_code is not None and not 0 <= background_code < n_codes:
+            raise ConfigError(f"model.init_args.background_code must be in [0, {n_codes}), got {background_code}")
+        self.background_code = background_code
         self.understanding_weight, self.t2i_weight, self.cfg_drop = understanding_weight, t2i_weight, cfg_drop
         self.export_dir = export_dir
         vq = _vq(model)
@@ -264,24 +287,42 @@ class ShapesSFT(L.LightningModule):
         n, d, h, w = z.shape
         zf = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=-1)
         codes = F.normalize(vq.quantize.embedding.weight, dim=-1)
-        idx = (zf @ codes.T).argmax(-1)
+        sim = zf @ codes.T
+        stats = {}
+        if self.background_code is None:
+            idx = sim.argmax(-1)
+            assign = sim.new_zeros(())
+        else:
+            bg = background_patches(pixels, (h, w)).reshape(-1)
+            c = self.background_code
+            others = sim.clone()
+            others[:, c] = -2.0  # only background may use the background code
+            best = others.argmax(-1)
+            idx = torch.where(bg, c, best)
+            # background code vs the best other code, each patch on its side of that margin
+            pair = torch.stack([sim[:, c], others.gather(1, best[:, None])[:, 0]], dim=1)
+            assign = F.cross_entropy(pair / 0.1, (~bg).long())
+            stats["vq/assign"] = assign.detach()
         q = codes[idx]
         codebook = F.mse_loss(q, zf.detach())
         commit = F.mse_loss(zf, q.detach())
         q_st = zf + (q - zf).detach()
         rec = vq.decoder(vq.post_quant_conv(q_st.view(n, h, w, d).permute(0, 3, 1, 2)))
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        loss = rec_loss + codebook + self.vq_beta * commit
+        loss = rec_loss + codebook + self.vq_beta * commit + assign
         if self.training:
             self._usage += torch.bincount(idx.detach().cpu(), minlength=len(self._usage))
             self._last_z = zf.detach()
         used = int((self._usage > 0).sum())
-        return loss, {"vq/rec": rec_loss.detach(), "vq/codebook": codebook.detach(), "vq/used_codes": float(used)}
+        return loss, {"vq/rec": rec_loss.detach(), "vq/codebook": codebook.detach(), "vq/used_codes": float(used), **stats}
 
     @torch.no_grad()
     def _restart_dead_codes(self, zf: torch.Tensor) -> None:
         """Codes unused since the last restart jump to random encoder outputs of this batch."""
-        dead = (self._usage == 0).nonzero().squeeze(-1)
+        usage = self._usage.clone()
+        if self.background_code is not None:
+            usage[self.background_code] = 1  # reserved, never moved
+        dead = (usage == 0).nonzero().squeeze(-1)
         if len(dead):
             w = _vq(self.model).quantize.embedding.weight
             pick = torch.randint(len(zf), (len(dead),), device=zf.device)
@@ -341,7 +382,10 @@ class ShapesSFT(L.LightningModule):
         if "prompts" not in batch:
             raise ConfigError("stage 'lm' needs text batches: set data.init_args.stage: lm")
         u = self.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"])
-        g = self.t2i_loss(batch["g_pixels"], batch["prompts"], generator)
+        if batch["prompts"]:
+            g = self.t2i_loss(batch["g_pixels"], batch["prompts"], generator)
+        else:  # an understanding-only stage
+            g = u.new_zeros(())
         loss = self.understanding_weight * u + self.t2i_weight * g
         return loss, {"lm/understanding": u.detach(), "lm/t2i": g.detach()}
 
@@ -361,7 +405,10 @@ class ShapesSFT(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.stage == "vq":  # after the optimizer step: in-place edits would break backward
-            if self.restart_every and (self.global_step % self.restart_every == 0):
+            # no restart after the last step: restarted codes sit on random encoder outputs
+            # (half of them background) and nothing would train them away before export
+            last = self.trainer.max_steps is not None and self.global_step >= self.trainer.max_steps
+            if self.restart_every and self.global_step % self.restart_every == 0 and not last:
                 self._restart_dead_codes(self._last_z)
             self._normalise_codebook()
 
