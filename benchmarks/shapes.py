@@ -30,12 +30,12 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dualfw.shapes.build import run
 from dualfw.shapes.text import POPE_SPLITS as SPLITS, TAGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,26 +50,13 @@ FITS: dict[str, list[str]] = {
 }
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run `cmd` in the project root with its output in `log`; returns seconds; raises on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log, "w") as fp:
-        fp.write("$ " + shlex.join(cmd) + "\n")
-        fp.flush()
-        code = subprocess.call(cmd, cwd=ROOT, stdout=fp, stderr=subprocess.STDOUT, env=os.environ.copy())
-    if code:
-        raise RuntimeError(f"{shlex.join(cmd)} failed (exit {code}); see {log}")
-    return time.time() - start
-
-
 def evaluate(name: str, model: str, out: Path, args, seed: int = 0, flags: tuple[str, ...] = ()) -> dict:
     report = out / name / "report.json"
     if not report.exists():
         cmd = [sys.executable, "-m", "dualfw.shapes.evaluate", "--model", model, "--seed", str(seed),
                "--images-per-tag", str(args.images_per_tag), "--pope-images", str(args.pope_images),
                "--out", str(report), *flags]
-        run(cmd, out / name / "evaluate.log")
+        run(cmd, out / name / "evaluate.log", cwd=ROOT)
     return json.loads(report.read_text())
 
 
@@ -79,31 +66,32 @@ def fit(name: str, out: Path, args) -> tuple[str, list[str], float | None]:
     folder = out / name
     export = folder / "fit" / "export"
     steps = ["--trainer.max_steps", str(args.steps)] if args.steps else []
-    cmd = ["dualfw", "fit", *FITS[name], "--model.init_args.model.init_args.path", BASE, *steps,
+    cmd = ["dualfw", "fit", *FITS[name], "--model.init_args.model.init_args.path", args.base, *steps,
            "--trainer.default_root_dir", str(folder),
            "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "fit",
            "--trainer.logger.init_args.version", "", *args.extra]
     seconds = None
     if not (export / "config.json").exists():
-        seconds = run(cmd, folder / "fit.log")
+        seconds = run(cmd, folder / "fit.log", cwd=ROOT)
         (folder / "fit_seconds.txt").write_text(f"{seconds:.0f}\n")
     elif (folder / "fit_seconds.txt").exists():
         seconds = float((folder / "fit_seconds.txt").read_text())
-    return str(export), ["dualfw", "fit", *FITS[name], *steps, *args.extra], seconds
+    base = [] if args.base == BASE else ["--model.init_args.model.init_args.path", args.base]
+    return str(export), ["dualfw", "fit", *FITS[name], *base, *steps, *args.extra], seconds
 
 
 def study_part(name: str, out: Path, args) -> dict:
     """One row of the table: fit (if a training run) then evaluate."""
     if name == "base":
-        return {"report": evaluate("base", BASE, out, args, seed=0), "command": "(no training)"}
+        return {"report": evaluate("base", args.base, out, args, seed=0), "command": "(no training)"}
     if name == "base@seed1":
-        return {"report": evaluate("base@seed1", BASE, out, args, seed=1), "command": "(no training; sampling seed 1)"}
+        return {"report": evaluate("base@seed1", args.base, out, args, seed=1), "command": "(no training; sampling seed 1)"}
     if name == "best-of-K":
-        report = evaluate("best-of-K", BASE, out, args, seed=0, flags=("--best-of", str(args.best_of), "--skip-pope"))
+        report = evaluate("best-of-K", args.base, out, args, seed=0, flags=("--best-of", str(args.best_of), "--skip-pope"))
         return {"report": report, "command": f"(no training; best of {args.best_of} by R_G)"}
     if name == "tokens":  # where the likelihood of the base's and the self-reward run's images sits
         flags = ("--skip-geneval", "--skip-pope", "--tokens")
-        models = {"base": BASE, "self": str(out / "self" / "fit" / "export")}
+        models = {"base": args.base, "self": str(out / "self" / "fit" / "export")}
         return {m: evaluate(f"tokens-{m}", path, out, args, flags=flags)["tokens"] for m, path in models.items()}
     export, shown, seconds = fit(name, out, args)
     report = evaluate(name, export, out, args, seed=0)
@@ -165,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/study", help="study folder (parts found there are reused)")
     ap.add_argument("--only", default="base,base@seed1,best-of-K,self,random,oracle,joint,tokens",
                     help="comma-separated parts to run, in table order")
+    ap.add_argument("--base", default=BASE, help="the model every part starts from (a folder or dualfw: asset)")
     ap.add_argument("--steps", type=int, default=None, help="override every fit's trainer.max_steps")
     ap.add_argument("--images-per-tag", type=int, default=300)
     ap.add_argument("--pope-images", type=int, default=300)
