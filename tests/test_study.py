@@ -69,6 +69,20 @@ def test_random_scorer_is_seeded_uniform_and_ignores_the_samples(tiny_adapter):
     assert a.text_rewards(tokens[:3], [["p", "q"]] * 3).shape == (3, 2)
 
 
+def test_random_scorer_stream_resumes_from_a_state_dict(tiny_adapter):
+    """A checkpoint holds the stream's position: a resumed run continues it, not replays it."""
+    run = RandomScorer(seed=3)
+    run.attach(tiny_adapter)
+    tokens = torch.zeros(5, tiny_adapter.num_image_tokens, dtype=torch.long)
+    run.image_rewards(tokens, ["x"] * 5)
+    saved = {k: v for k, v in run.state_dict().items()}
+    next_rewards = run.image_rewards(tokens, ["x"] * 5)
+    resumed = RandomScorer(seed=3)
+    resumed.attach(tiny_adapter)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.image_rewards(tokens, ["x"] * 5), next_rewards)
+
+
 def test_within_group_auc_against_pairwise_counting_across_groups():
     rng = np.random.default_rng(0)
     rewards = rng.normal(size=(30, 6)).round(1)  # rounding makes ties

@@ -141,12 +141,19 @@ class RandomScorer(DualScorer):
     sampling alone; a self-reward run has to beat it by more than the evaluation's noise.
 
     Args:
-        seed: seed of the reward stream (a resumed run restarts the stream from it).
+        seed: seed of the reward stream. The stream's position is part of the module's state dict,
+            so a run resumed from a checkpoint continues it instead of replaying its first pairs.
     """
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self._generator = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
         return torch.rand(len(prompts), generator=self._generator).to(tokens.device)
