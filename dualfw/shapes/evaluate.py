@@ -24,7 +24,7 @@ from dualfw.eval.geneval import overall_confidence_interval, score_image, summar
 from dualfw.eval.pope import parse_answer_official, pope_metrics
 from dualfw.models.base import ImageSampling, TextSampling
 from dualfw.shapes.detector import ShapesDetector
-from dualfw.shapes.sft import to_pixels, to_uint8
+from dualfw.shapes.sft import background_patches, to_pixels, to_uint8
 from dualfw.shapes.text import POPE_SPLITS, TAGS, enumerate_geneval_prompts, pope_questions
 from dualfw.shapes.world import WorldConfig, render, sample_scene
 
@@ -155,11 +155,10 @@ def background_token_stats(
     world = WorldConfig(resolution=adapter.image_size)
     prompts = [r["prompt"] for r in enumerate_geneval_prompts(world)][::prompts_stride][:max_prompts]
     tokens = adapter.sample_images(prompts, k, ImageSampling(guidance_scale=guidance_scale), seed=seed).flatten(0, 1)
-    images = np.stack(to_uint8(adapter.decode_images(tokens))).astype(int)
-    n, side = len(images), int(round(tokens.shape[1] ** 0.5))
-    cell = adapter.image_size // side
-    patches = images.reshape(n, side, cell, side, cell, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, side * side, -1, 3)
-    background = (np.abs(patches - np.array(world.background)).max(-1) <= 24).all(-1)  # (n, tokens)
+    pixels = to_pixels(to_uint8(adapter.decode_images(tokens)))  # 8-bit levels, as saved
+    n, side = len(pixels), int(round(tokens.shape[1] ** 0.5))
+    # a decoded background patch is plain grey up to the decoder's noise: within 24 levels
+    background = background_patches(pixels, (side, side), world.background, tolerance=24.5).reshape(n, -1).numpy()
     rows = [p for p in prompts for _ in range(k)]
     logps = torch.cat([adapter.image_logprobs(rows[i : i + 64], tokens[i : i + 64]) for i in range(0, n, 64)]).cpu().numpy()
     codes = tokens.cpu().numpy()

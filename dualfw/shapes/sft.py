@@ -177,11 +177,14 @@ class ShapesDataModule(L.LightningDataModule):
         return DataLoader(ShapesStream(self, self.seed + 10_000, limit=self.val_batches), batch_size=None, num_workers=0)
 
 
-def background_patches(pixels: torch.Tensor, grid: tuple[int, int], background=BACKGROUND) -> torch.Tensor:
+def background_patches(
+    pixels: torch.Tensor, grid: tuple[int, int], background=BACKGROUND, tolerance: float = 1.5
+) -> torch.Tensor:
     """(n, 3, H, W) images in [0, 1] -> (n, h, w) bool: the patches of a `grid` whose pixels are all
-    the background color (to within one 8-bit level)."""
+    the background color, every channel within `tolerance` 8-bit levels (default: exact, as
+    rendered; decoded images need more)."""
     color = torch.tensor(background, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1) / 255
-    off = ((pixels - color).abs() > 1.5 / 255).any(1, keepdim=True).float()
+    off = ((pixels - color).abs() > tolerance / 255).any(1, keepdim=True).float()
     return F.adaptive_max_pool2d(off, grid)[:, 0] == 0
 
 
@@ -247,13 +250,13 @@ class ShapesSFT(L.LightningModule):
         self.model, self.stage = model, stage
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.vq_beta, self.restart_every = vq_beta, restart_every
-        n_codes = _vq(model).quantize.num_embeddings
+        vq = _vq(model)
+        n_codes = vq.quantize.num_embeddings
         if background_code is not None and not 0 <= background_code < n_codes:
             raise ConfigError(f"model.init_args.background_code must be in [0, {n_codes}), got {background_code}")
         self.background_code = background_code
         self.understanding_weight, self.t2i_weight, self.cfg_drop = understanding_weight, t2i_weight, cfg_drop
         self.export_dir = export_dir
-        vq = _vq(model)
         if vq_from is not None:
             source = _vq(JanusAdapter(path=vq_from)).state_dict()
             target = vq.state_dict()
@@ -407,7 +410,7 @@ class ShapesSFT(L.LightningModule):
         if self.stage == "vq":  # after the optimizer step: in-place edits would break backward
             # no restart after the last step: restarted codes sit on random encoder outputs
             # (half of them background) and nothing would train them away before export
-            last = self.trainer.max_steps is not None and self.global_step >= self.trainer.max_steps
+            last = 0 < self.trainer.max_steps <= self.global_step  # max_steps -1: no step limit
             if self.restart_every and self.global_step % self.restart_every == 0 and not last:
                 self._restart_dead_codes(self._last_z)
             self._normalise_codebook()
