@@ -71,6 +71,24 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
     assert len(list(read_rollouts(run / "rollouts.jsonl"))) > len(rollouts)  # appended, nothing lost
 
 
+@pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("32-true", False)])
+def test_rollouts_are_sampled_under_the_training_precision(tmp_path, tiny_folder, monkeypatch, precision, autocast):
+    # FSDP1 with bf16-mixed failed on a GPU when sampling ran outside autocast (measured on an H200)
+    from dualfw.data.datamodule import SelfRewardDataModule
+
+    seen, sample = [], SelfRewardDataModule.sample
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfRewardDataModule, "sample", spy)
+    cli = cli_main(_fit_args(tmp_path, tiny_folder, "--trainer.max_steps=1", "--trainer.accelerator=cpu",
+                             f"--trainer.precision={precision}"))
+    assert cli.trainer.global_step == 1
+    assert seen and all(s is autocast for s in seen)
+
+
 def test_configs_compose_and_interpolate(tmp_path, tiny_folder, capsys):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("data:\n  init_args:\n    k: 5\n    inputs_per_step: ${data.init_args.k}\n")

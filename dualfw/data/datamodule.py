@@ -91,7 +91,11 @@ class SelfRewardStream:
             policy.eval()
             batch = {}
             for direction in directions_at(dm.schedule, step, dm.alternate_every):
-                group = dm.sample(direction, policy, self._chunk, self.epoch, index, seed)
+                # the training step's precision (autocast for "bf16-mixed"): under FSDP1 mixed
+                # precision, sharded units compute in bf16 while the root's weights stay float32,
+                # so sampling without it fails ("expected scalar type BFloat16 but found Float")
+                with trainer.precision_plugin.forward_context():
+                    group = dm.sample(direction, policy, self._chunk, self.epoch, index, seed)
                 if group is not None:
                     dm.record(group, seed, epoch=self.epoch, step=trainer.global_step)
                     # with several ranks every rank must take a training step (its collectives),

@@ -229,8 +229,8 @@ class _EvalCallback(L.Callback):
     def _eval_mode(self, pl_module: L.LightningModule) -> Iterator[None]:
         was_training = pl_module.training
         pl_module.eval()
-        try:
-            with torch.no_grad():
+        try:  # the training step's precision, as the rollouts (SelfRewardStream) use
+            with torch.no_grad(), pl_module.trainer.precision_plugin.forward_context():
                 yield
         finally:
             pl_module.train(was_training)
