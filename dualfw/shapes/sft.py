@@ -1,6 +1,6 @@
 """Supervised training of the Shapes base model (dualfw/assets/shapes_base) by `dualfw fit` runs.
 
-From scratch in ~26 min on 2 cores, `python -m dualfw.shapes.build` (1a and 1b at once):
+From scratch in ~27 min on 2 cores, `python -m dualfw.shapes.build` (1a and 1b at once):
 
     dualfw fit --config conf/shapes/tokenizer.yaml   # 1a: VQ tokenizer, background on one code
     dualfw fit --config conf/shapes/reader.yaml      # 1b: captions + yes/no questions, draws nothing
