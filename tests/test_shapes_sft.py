@@ -134,24 +134,36 @@ def test_lm_stage_freezes_the_vq_and_its_losses_decrease():
     assert frozen == {n for n, _ in module.model.model.named_parameters() if n.startswith("model.vqmodel.")}
     batch = ShapesDataModule(stage="lm", batch_size=3, t2i_batch_size=3, seed=0).make_batch(0, 0)
     with torch.no_grad():
-        u0 = float(module.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"]))
+        u0 = float(module.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"])[0])
     before, after = _fit_steps(module, batch, 6, 1e-2)
     with torch.no_grad():
-        u1 = float(module.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"]))
+        u1 = float(module.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"])[0])
     assert after < 0.85 * before and u1 < 0.8 * u0, (before, after, u0, u1)
 
 
 def test_understanding_loss_matches_the_adapter_log_probs():
-    """Training scores answers exactly as inference does (text_logprobs with the EOS term)."""
+    """Training scores answers exactly as inference does (text_logprobs with the EOS term), averaged
+    over tokens or within each answer first; the yes/no accuracy reads the same log-probs."""
     adapter = JanusAdapter(tiny=SPEC).eval()
-    module = ShapesSFT(adapter, stage="lm")
-    batch = ShapesDataModule(stage="lm", batch_size=3, t2i_batch_size=1, seed=0).make_batch(0, 0)
-    instr = "Describe this image."
-    answers = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle"]
+    batch = ShapesDataModule(stage="lm", batch_size=4, t2i_batch_size=1, seed=0).make_batch(0, 0)
+    instr = ["Describe this image."] * 2 + ["Is there a red circle in the image?"] * 2
+    answers = ["a photo of a circle", "a photo of two red squares and a blue triangle", "Yes", "No"]
+    pixels = batch["u_pixels"]
     with torch.no_grad():
-        loss = module.understanding_loss(batch["u_pixels"], [instr] * 3, answers)
-        logps, mask = adapter.text_logprobs(batch["u_pixels"], answers, instr, eos=True)
-    assert torch.allclose(loss, -logps.sum() / mask.sum(), atol=1e-5)
+        parts = [adapter.text_logprobs(pixels[i : i + 2], answers[i : i + 2], instr[i], eos=True) for i in (0, 2)]
+        totals = torch.cat([(lp.sum(1)) for lp, _ in parts])
+        lengths = torch.cat([m.sum(1) for _, m in parts]).float()
+        by_token, stats = ShapesSFT(adapter, stage="lm").understanding_loss(pixels, instr, answers)
+        by_example, _ = ShapesSFT(adapter, stage="lm", understanding_mean="example").understanding_loss(pixels, instr, answers)
+        # " Yes" is two tokens in this tokenizer: compare first tokens, as the statistic does
+        yes, no = (adapter.text_logprobs(pixels[2:], [w, w], instr[2])[0][:, 0] for w in ("Yes", "No"))
+    assert torch.allclose(by_token, -totals.sum() / lengths.sum(), atol=1e-5)
+    assert torch.allclose(by_example, (-totals / lengths).mean(), atol=1e-5)
+    assert not torch.allclose(by_token, by_example)
+    right = [bool(yes[0] > no[0]), bool(no[1] >= yes[1])]
+    assert float(stats["lm/yes_no_acc"]) == sum(right) / 2
+    with pytest.raises(ConfigError, match="understanding_mean"):
+        ShapesSFT(adapter, stage="lm", understanding_mean="sentence")
 
 
 def test_t2i_loss_without_drop_matches_image_logprobs():

@@ -23,7 +23,7 @@ the seeds are in the configs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -216,6 +216,10 @@ class ShapesSFT(L.LightningModule):
             (background code vs the best other code, temperature 0.1) keeps inference's nearest-code
             lookup on the right side for every patch.
         understanding_weight, t2i_weight: weights of the two stage-"lm" losses.
+        understanding_mean: how answer tokens are averaged. "token": over every answer token of the
+            batch, so a 16-token caption weighs 16 times a one-token "No", and the yes/no token
+            that needs the image gets ~8% of the gradient; "example": within each answer, then
+            over answers, so a question weighs as much as a caption.
         cfg_drop: probability that a t2i example's prompt is replaced by pad (the unconditional
             row of classifier-free guidance: BOS and <begin_of_image> are kept).
         export_dir: folder the trained model is saved to (save_pretrained, safetensors) when fit ends.
@@ -236,6 +240,7 @@ class ShapesSFT(L.LightningModule):
         background_code: int | None = None,
         understanding_weight: float = 1.0,
         t2i_weight: float = 1.0,
+        understanding_mean: Literal["token", "example"] = "token",
         cfg_drop: float = 0.1,
         export_dir: str | None = None,
         vq_from: str | None = None,
@@ -247,6 +252,9 @@ class ShapesSFT(L.LightningModule):
             raise ConfigError(f"model.init_args.cfg_drop must be in [0, 1), got {cfg_drop}")
         if lr <= 0:
             raise ConfigError(f"model.init_args.lr must be > 0, got {lr}")
+        if understanding_mean not in ("token", "example"):
+            raise ConfigError(f"model.init_args.understanding_mean must be 'token' or 'example', got {understanding_mean!r}")
+        self.understanding_mean = understanding_mean
         self.model, self.stage = model, stage
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.vq_beta, self.restart_every = vq_beta, restart_every
@@ -333,9 +341,14 @@ class ShapesSFT(L.LightningModule):
         self._usage.zero_()
 
     # ---- stage lm ----------------------------------------------------------------------------------
-    def understanding_loss(self, pixels: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
-        """Mean token cross-entropy of answer + <eos> given the image and the instruction (the
-        prompt layout of `JanusAdapter.text_logprobs` / `sample_texts`)."""
+    def understanding_loss(
+        self, pixels: torch.Tensor, instructions: list[str], answers: list[str]
+    ) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy of answer + <eos> given the image and the instruction (the prompt layout
+        of `JanusAdapter.text_logprobs` / `sample_texts`), averaged as `understanding_mean` says;
+        returns (loss, stats). Stats: "lm/yes_no_acc", how often the first answer token of the
+        batch's yes/no questions ranks the right one of " Yes" / " No" higher (a cheap view of
+        whether the reader grounds its answers on the image; absent without questions)."""
         ad, tok = self.model, self.model.processor.tokenizer
         rows = []
         for instruction, answer in zip(instructions, answers):
@@ -356,7 +369,23 @@ class ShapesSFT(L.LightningModule):
             input_ids=ids, pixel_values=ad.understanding_pixels(pixels), attention_mask=attn
         ).last_hidden_state
         logits = ad.model.lm_head(hidden[:, :-1]).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        targets = labels[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        counted = (targets != -100).float()
+        if self.understanding_mean == "token":
+            loss = nll.sum() / counted.sum()
+        else:
+            loss = (nll.sum(1) / counted.sum(1)).mean()
+        stats = {}
+        questions = [i for i, a in enumerate(answers) if a.strip() in ("Yes", "No")]
+        if questions:
+            yes, no = (tok(" " + w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+            at = torch.tensor([len(rows[i][0]) - 1 for i in questions], device=logits.device)
+            first = logits[torch.tensor(questions, device=logits.device), at]
+            said_yes = first[:, yes] > first[:, no]
+            truth = torch.tensor([answers[i].strip() == "Yes" for i in questions], device=logits.device)
+            stats["lm/yes_no_acc"] = (said_yes == truth).float().mean()
+        return loss, stats
 
     def t2i_loss(self, pixels: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean cross-entropy of the image's VQ tokens given the prompt (the layout of
@@ -384,13 +413,13 @@ class ShapesSFT(L.LightningModule):
             return self.vq_forward(batch["pixels"])
         if "prompts" not in batch:
             raise ConfigError("stage 'lm' needs text batches: set data.init_args.stage: lm")
-        u = self.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"])
+        u, stats = self.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"])
         if batch["prompts"]:
             g = self.t2i_loss(batch["g_pixels"], batch["prompts"], generator)
         else:  # an understanding-only stage
             g = u.new_zeros(())
         loss = self.understanding_weight * u + self.t2i_weight * g
-        return loss, {"lm/understanding": u.detach(), "lm/t2i": g.detach()}
+        return loss, {"lm/understanding": u.detach(), "lm/t2i": g.detach(), **stats}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(10_000 + self.global_step)
