@@ -7,6 +7,7 @@ Several --config files compose (later wins); values may use omegaconf interpolat
 
 from __future__ import annotations
 
+import re
 import sys
 
 from jsonargparse import ArgumentError
@@ -18,16 +19,24 @@ from dualfw.errors import find_config_error
 COMMAND: list[str] | None = None
 
 # phrases that mark the informative line of jsonargparse's nested error reports
-_CULPRIT_MARKS = ("not accepted", "does not accept", "is required", "does not exist", "Unexpected", "unknown")
+_CULPRIT_MARKS = ("not accepted", "does not accept", "is required", "does not exist", "Unexpected", "unknown",
+                  "Expected a <class", "Expected a typing")
 
 
 def condense(message: str) -> str:
-    """One line from jsonargparse's multi-line parse error: the line naming the culprit."""
+    """One line from jsonargparse's multi-line parse error: the path of nested keys down to the
+    culprit ('Parser key "model.optimizer.lr": Expected a <class 'float'>')."""
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     if not lines:
         return message
-    culprit = next((line for line in lines[1:] if any(mark in line for mark in _CULPRIT_MARKS)), None)
-    return f"{lines[0]} {culprit}" if culprit and culprit not in lines[0] else lines[0]
+    at = next((i for i, line in enumerate(lines[1:], 1)
+               if any(mark in line for mark in _CULPRIT_MARKS) and "NoneType" not in line), None)  # not "or None"
+    if at is None:
+        return lines[0]
+    keys = re.findall(r'Parser key "([^"]+)"', "\n".join(lines[:at]))
+    path = ".".join(dict.fromkeys(keys))  # nested classes' keys, outermost first
+    culprit = lines[at].split('Parser key "')[0].strip() or lines[at]
+    return f'Parser key "{path}": {culprit}' if path else culprit
 
 
 class DualfwCLI(LightningCLI):

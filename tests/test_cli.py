@@ -118,3 +118,20 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         assert result.returncode == 2, (extra, result.stderr[-2000:])
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("dualfw: error:") and message in last, (extra, last)
+
+
+def test_wrong_typed_nested_values_name_their_key_path(capsys):
+    """A bad value inside a nested class (loss, optimizer, SFT option) is reported with the path
+    of keys down to it, not jsonargparse's outer 'Parser key "model":' alone."""
+    cases = {
+        (CONF, "--model.init_args.loss.init_args.beta=abc"): 'Parser key "model.loss.beta": Expected a <class \'float\'>',
+        (CONF, "--model.init_args.optimizer.init_args.lr=abc"): 'Parser key "model.optimizer.lr": Expected a <class \'float\'>',
+        (str(ROOT / "conf/shapes/base.yaml"), "--model.init_args.understanding_mean=sentence"):
+            'Parser key "model.understanding_mean": Expected a typing.Literal',
+    }
+    for (config, bad), message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["fit", "--config", config, bad, "--print_config"])
+        assert exit_.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("dualfw: error:") and message in last, (bad, last)
