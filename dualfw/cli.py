@@ -29,14 +29,14 @@ def condense(message: str) -> str:
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     if not lines:
         return message
+    # skip "Expected a <class 'NoneType'>": the optional (None) branch of every class-valued key
     at = next((i for i, line in enumerate(lines[1:], 1)
-               if any(mark in line for mark in _CULPRIT_MARKS) and "NoneType" not in line), None)  # not "or None"
+               if any(mark in line for mark in _CULPRIT_MARKS) and "NoneType" not in line), None)
     if at is None:
         return lines[0]
     keys = re.findall(r'Parser key "([^"]+)"', "\n".join(lines[:at]))
     path = ".".join(dict.fromkeys(keys))  # nested classes' keys, outermost first
-    culprit = lines[at].split('Parser key "')[0].strip() or lines[at]
-    return f'Parser key "{path}": {culprit}' if path else culprit
+    return f'Parser key "{path}": {lines[at]}' if path else lines[at]
 
 
 class DualfwCLI(LightningCLI):

@@ -151,11 +151,12 @@ def test_understanding_loss_matches_the_adapter_log_probs():
     pixels = batch["u_pixels"]
     with torch.no_grad():
         parts = [adapter.text_logprobs(pixels[i : i + 2], answers[i : i + 2], instr[i], eos=True) for i in (0, 2)]
-        totals = torch.cat([(lp.sum(1)) for lp, _ in parts])
+        totals = torch.cat([lp.sum(1) for lp, _ in parts])
         lengths = torch.cat([m.sum(1) for _, m in parts]).float()
         by_token, stats = ShapesSFT(adapter, stage="lm").understanding_loss(pixels, instr, answers)
         by_example, _ = ShapesSFT(adapter, stage="lm", understanding_mean="example").understanding_loss(pixels, instr, answers)
-        # " Yes" is two tokens in this tokenizer: compare first tokens, as the statistic does
+        # first answer tokens, as the statistic compares (one token each here; in the shipped
+        # base's tokenizer " Yes" is two, " " + "Yes")
         yes, no = (adapter.text_logprobs(pixels[2:], [w, w], instr[2])[0][:, 0] for w in ("Yes", "No"))
     assert torch.allclose(by_token, -totals.sum() / lengths.sum(), atol=1e-5)
     assert torch.allclose(by_example, (-totals / lengths).mean(), atol=1e-5)
