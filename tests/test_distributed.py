@@ -1,5 +1,7 @@
 """FSDP2 (Lightning's ModelParallelStrategy, `fully_shard` in Policy.configure_model) on CPU: two
 gloo ranks fit the tiny Janus for 2 steps, save a sharded checkpoint, and resume it for 1 more.
+FSDP1 (conf/strategies/fsdp.yaml; Lightning's FSDPStrategy refuses CPUs): raw FullyShardedDataParallel
+on one in-process gloo rank, the two failures a GPU run met.
 
 Two `python -m dualfw.cli fit` launches; Lightning starts the second rank of each by subprocess, and
 every rank pays ~10 s of imports: about 45 s for both on 2 CPU cores. Set DUALFW_DISTRIBUTED_TESTS=0
@@ -94,3 +96,64 @@ def test_fsdp2_two_ranks_i2t_with_descriptions_of_different_lengths(tmp_path):
         for rank in (0, 1)
     }
     assert all(lengths.values()) and len(lengths[0] | lengths[1]) > 1, lengths
+
+
+def _fsdp1_wrap(adapter):
+    """FSDP1 as conf/strategies/fsdp.yaml sets it up under Lightning: the decoder layers wrapped by
+    the auto-wrap policy, the whole module in a root unit (Lightning wraps the LightningModule; here a
+    module whose forward scores images, as a training step does), bf16 parameters in compute."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
+    bf16 = MixedPrecision(param_dtype=torch.bfloat16)
+    layers = adapter.model.model.language_model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = FullyShardedDataParallel(layer, device_id=torch.device("cpu"), mixed_precision=bf16, use_orig_params=True)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adapter = adapter
+
+        def forward(self, prompts, tokens):
+            return self.adapter.image_logprobs(prompts, tokens)
+
+    return FullyShardedDataParallel(Step(), device_id=torch.device("cpu"), mixed_precision=bf16, use_orig_params=True)
+
+
+@pytest.mark.parametrize("init_root", [True, False])
+def test_fsdp1_bf16_sampling_then_a_training_step(tiny_folder, init_root):
+    """Two failures of FSDP1 + bf16-mixed, first seen on an H100 at the first rollout, reproduced on
+    one in-process gloo rank: (1) FSDP1 keeps a bf16 copy of each unit's shard; made under
+    inference_mode it is an inference tensor, and scoring outside it fails ("Inplace update to
+    inference tensor outside InferenceMode"): the adapter samples under no_grad when wrapped.
+    (2) Sampling calls wrapped layers outside the root's forward, so each makes itself a root and the
+    first training step fails ("Non-root FSDP instance's `_is_root` ..."), unless the Policy first
+    makes the root one (`init_fsdp1_root`, at fit and test start)."""
+    import torch.distributed as dist
+
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import init_fsdp1_root
+
+    adapter = JanusAdapter(path=str(tiny_folder)).eval()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        root = _fsdp1_wrap(adapter)
+        assert adapter._fsdp1_wrapped
+        if init_root:
+            init_fsdp1_root(root)
+        prompts = ["a red circle"] * 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # Lightning's bf16-mixed forward context
+            tokens = adapter.sample_images(prompts[:1], k=2, seed=0).flatten(0, 1)
+            with torch.no_grad():  # a reward (the scorer runs under no_grad), outside inference_mode
+                scores = adapter.image_logprobs(prompts, tokens)
+            if not init_root:
+                with pytest.raises(AssertionError, match="_is_root"):
+                    root(prompts, tokens)
+                return
+            logp = root(prompts, tokens)  # the training step, through the root
+        logp.sum().backward()
+        torch.testing.assert_close(logp.detach(), scores, atol=0.1, rtol=0.02)  # bf16 compute both times
+        layer = adapter.model.model.language_model.layers[0]
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+    finally:
+        dist.destroy_process_group()

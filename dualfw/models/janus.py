@@ -139,6 +139,14 @@ class JanusAdapter(LMMAdapter):
 
         return isinstance(self.model, FSDPModule)
 
+    @property
+    def _fsdp1_wrapped(self) -> bool:
+        """Some part of the model is wrapped by FSDP1 (`FullyShardedDataParallel`), as Lightning's
+        FSDPStrategy does with an auto-wrap policy."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+
     def train(self, mode: bool = True) -> "JanusAdapter":
         super().train(mode)
         self.model.model.vqmodel.eval()  # frozen tokenizer: always in eval mode
@@ -202,9 +210,10 @@ class JanusAdapter(LMMAdapter):
     ) -> torch.LongTensor:
         sharded = self._gather_root()
         # inference_mode is cheaper per op than no_grad (no version counters or view tracking), but
-        # under FSDP2 the weights all-gathered here would become inference tensors that training can
-        # no longer write into ("Inplace update to inference tensor outside InferenceMode")
-        with torch.no_grad() if sharded else torch.inference_mode():
+        # FSDP's buffers (FSDP2's all-gathered weights, FSDP1's low-precision shards) made here would
+        # become inference tensors that training can no longer write into ("Inplace update to
+        # inference tensor outside InferenceMode"; FSDP1 + bf16-mixed hit it on an H100)
+        with torch.no_grad() if sharded or self._fsdp1_wrapped else torch.inference_mode():
             tokens = self._sample_tokens(prompts, k, sampling, seed, progress)
         return tokens.clone()  # a normal tensor: inference tensors cannot enter autograd later
 

@@ -122,6 +122,7 @@ class Policy(L.LightningModule):
         return self._reference[0] if self._reference else None
 
     def on_fit_start(self) -> None:
+        init_fsdp1_root(self.trainer.strategy.model)
         self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
         # frozen copies live outside the module tree, so Lightning does not move them
         for frozen in (self.reference, self.scorer):
@@ -268,6 +269,9 @@ class Policy(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     # ---- test stage (`dualfw test`) ---------------------------------------------------------------
+    def on_test_start(self) -> None:
+        init_fsdp1_root(self.trainer.strategy.model)
+
     def test_step(self, batch, batch_idx: int) -> None:
         """Nothing per batch: `dualfw test` evaluates in the callbacks (dualfw.eval.callbacks), at
         the end of the test epoch. Present so Lightning runs the test loop."""
@@ -280,6 +284,20 @@ class Policy(L.LightningModule):
         if self._peft:
             self._peft.pop().merge_and_unload()  # in place: the adapter's model now holds merged weights
         return self.model.save_pretrained(folder)
+
+
+def init_fsdp1_root(root: torch.nn.Module | None) -> None:
+    """Make FSDP1's outermost unit (Lightning's FSDPStrategy wraps the LightningModule in it) the
+    root before anything samples. FSDP1 picks its root at the first forward it sees; sampling and
+    scoring call the wrapped layers directly, so each would crown itself root and the first training
+    step then fails ("Non-root FSDP instance's `_is_root` should not have been set yet", seen on an
+    H100). No-op for anything else. FSDP1 offers no public call for this one step."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(root, FullyShardedDataParallel):
+        from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+        _lazy_init(root, root)
 
 
 def _apply_lora(model: LMMAdapter, spec: LoraSpec):

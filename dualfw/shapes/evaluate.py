@@ -243,9 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-geneval", action="store_true")
     ap.add_argument("--tokens", action="store_true", help="also measure where sampled images' likelihood sits (background_token_stats)")
     ap.add_argument("--out", default=None, help="also write the report (JSON) to this file")
+    ap.add_argument("--device", default="cpu", help='where the model runs: "cpu", "cuda", "cuda:1", ...')
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
-    adapter = JanusAdapter(path=args.model).eval()
+    adapter = JanusAdapter(path=args.model).to(args.device).eval()
     report: dict[str, Any] = {"args": vars(args)}
     if not args.skip_geneval:
         t = time.time()
