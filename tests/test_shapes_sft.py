@@ -155,8 +155,8 @@ def test_understanding_loss_matches_the_adapter_log_probs():
         lengths = torch.cat([m.sum(1) for _, m in parts]).float()
         by_token, stats = ShapesSFT(adapter, stage="lm").understanding_loss(pixels, instr, answers)
         by_example, _ = ShapesSFT(adapter, stage="lm", understanding_mean="example").understanding_loss(pixels, instr, answers)
-        # first answer tokens, as the statistic compares (one token each here; in the shipped
-        # base's tokenizer " Yes" is two, " " + "Yes")
+        # first answer tokens, as the statistic compares (one token each here and in the shipped
+        # base's tokenizer; in the second base's " Yes" was two, " " + "Yes")
         yes, no = (adapter.text_logprobs(pixels[2:], [w, w], instr[2])[0][:, 0] for w in ("Yes", "No"))
     assert torch.allclose(by_token, -totals.sum() / lengths.sum(), atol=1e-5)
     assert torch.allclose(by_example, (-totals / lengths).mean(), atol=1e-5)

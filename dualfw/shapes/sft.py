@@ -1,14 +1,13 @@
 """Supervised training of the Shapes base model (dualfw/assets/shapes_base) by `dualfw fit` runs.
 
-From scratch in ~27 min on 2 cores, `python -m dualfw.shapes.build` (1a and 1b at once):
+From scratch in 28.6 min on 2 cores, `python -m dualfw.shapes.build` (1a and 1b at once), which
+made the shipped checkpoint:
 
     dualfw fit --config conf/shapes/tokenizer.yaml   # 1a: VQ tokenizer, background on one code
     dualfw fit --config conf/shapes/reader.yaml      # 1b: captions + yes/no questions, draws nothing
     dualfw fit --config conf/shapes/base.yaml        # 2:  1b's model with 1a's VQ: read and draw
 
-The shipped checkpoint is instead the longer chain (its README has the commands and figures):
-vq, vq_refine, sft, sft_more, sft_b3, sft_b4, sft_b5 (the first base, its own tokenizer), then
-tokenizer (1a above) and sft_c1 .. sft_c3, which teach that model to draw with the new tokenizer.
+The earlier bases' longer chains are in conf/shapes/history/ (benchmarks/shapes_history.md).
 
 Stage "vq" trains the Janus VQ tokenizer (encoder, codebook, decoder) to reconstruct rendered
 scenes. Stage "lm" freezes the VQ and trains everything else on captioning, yes/no questions and
