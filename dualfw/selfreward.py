@@ -43,6 +43,7 @@ class Group:
     texts: list[list[str]] = field(default_factory=list)  # i2t samples
     instruction: str = ""  # i2t: the user turn the descriptions answer
     meta: list[dict] = field(default_factory=list)  # per input: prompt-file fields or image path
+    guidance_scale: float = 1.0  # t2i: the CFG scale the images were sampled with
 
     @property
     def kept(self) -> Tensor:
@@ -94,7 +95,10 @@ def rollout_t2i(
     """Sample k images per prompt from `policy`, reward each by `scorer` (R_G), pick pairs."""
     tokens = policy.sample_images(prompts, k, sampling, seed=seed, progress=progress)
     rewards = scorer.image_rewards(tokens.flatten(0, 1), [p for p in prompts for _ in range(k)]).view(len(prompts), k)
-    return Group("t2i", rewards, select_pairs(rewards, pairing, margin), prompts=prompts, image_tokens=tokens)
+    return Group(
+        "t2i", rewards, select_pairs(rewards, pairing, margin), prompts=prompts, image_tokens=tokens,
+        guidance_scale=sampling.guidance_scale,
+    )
 
 
 @torch.no_grad()
@@ -119,15 +123,18 @@ def rollout_i2t(
     )
 
 
-def sequence_logps(model: LMMAdapter, group: Group, samples: Tensor) -> tuple[Tensor, Tensor]:
+def sequence_logps(model: LMMAdapter, group: Group, samples: Tensor, guided: bool = False) -> tuple[Tensor, Tensor]:
     """Summed policy log-prob and length of the chosen samples (rows of (input, sample) pairs).
 
-    t2i: log pi(image tokens | prompt), no CFG. i2t: log pi(text + end-of-sequence | image).
+    t2i: log pi(image tokens | prompt), the conditional model alone or, when `guided`, the
+    classifier-free-guided distribution the images were sampled from (group.guidance_scale).
+    i2t: log pi(text + end-of-sequence | image).
     """
     rows, cols = samples[:, 0].tolist(), samples[:, 1].tolist()
     if group.direction == "t2i":
         tokens = group.image_tokens[samples[:, 0], samples[:, 1]]
-        logps = model.image_logprobs([group.prompts[r] for r in rows], tokens).sum(-1)
+        scale = group.guidance_scale if guided else 1.0
+        logps = model.image_logprobs([group.prompts[r] for r in rows], tokens, scale).sum(-1)
         return logps, torch.full_like(logps, float(tokens.shape[1]))
     texts = [group.texts[r][c] for r, c in zip(rows, cols)]
     logps, mask = model.text_logprobs(group.pixels[samples[:, 0]], texts, group.instruction, eos=True)

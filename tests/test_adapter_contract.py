@@ -64,3 +64,26 @@ def test_text_logprobs_and_sampled_texts(adapter):
     assert (logps[mask] < 0).all() and (logps[~mask] == 0).all()
     texts = adapter.sample_texts(pixels, k=2, instruction="Describe this image.", sampling=TextSampling(max_new_tokens=5), seed=0)
     assert len(texts) == 2 and all(len(t) == 2 and all(isinstance(s, str) for s in t) for t in texts)
+
+
+def test_logprob_gradients_unchanged_under_activation_checkpointing(adapter):
+    """The FSDP presets checkpoint the decoder layers (recomputed in backward): a scoring forward
+    must not keep state between the two passes (a KV cache filled twice failed an H100 FSDP1 run)."""
+    import copy
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    plain = copy.deepcopy(adapter).train()
+    checkpointed = copy.deepcopy(adapter).train()
+    apply_activation_checkpointing(checkpointed, check_fn=lambda m: type(m).__name__.endswith("DecoderLayer"))
+    assert any("checkpoint" in type(m).__name__.lower() for m in checkpointed.modules()), "nothing was checkpointed"
+    tokens = adapter.sample_images(PROMPTS, k=1, sampling=ImageSampling(), seed=0)[:, 0]
+    pixels = torch.rand(2, 3, adapter.image_size, adapter.image_size, generator=torch.Generator().manual_seed(2))
+    for model in (plain, checkpointed):
+        image = model.image_logprobs(PROMPTS, tokens, guidance_scale=2.0).sum()
+        text = model.text_logprobs(pixels, PROMPTS, "Describe this image.")[0].sum()
+        (image + text).backward()
+    grads = [(p.grad, q.grad) for p, q in zip(plain.parameters(), checkpointed.parameters()) if p.grad is not None]
+    assert grads
+    for p, q in grads:
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)

@@ -128,11 +128,15 @@ def test_fsdp1_bf16_sampling_then_a_training_step(tiny_folder, init_root):
     inference tensor outside InferenceMode"): the adapter samples under no_grad when wrapped.
     (2) Sampling calls wrapped layers outside the root's forward, so each makes itself a root and the
     first training step fails ("Non-root FSDP instance's `_is_root` ..."), unless the Policy first
-    makes the root one (`init_fsdp1_root`, at fit and test start)."""
+    makes the root one (`init_fsdp1_root`, at fit and test start). (3) Lightning's gradient clipping
+    then refuses FSDP1: the Policy clips through the root unit."""
     import torch.distributed as dist
 
+    from types import SimpleNamespace
+
+    from dualfw.losses import SimPO
     from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import init_fsdp1_root
+    from dualfw.modules.policy import Policy, init_fsdp1_root
 
     adapter = JanusAdapter(path=str(tiny_folder)).eval()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -155,5 +159,12 @@ def test_fsdp1_bf16_sampling_then_a_training_step(tiny_folder, init_root):
         torch.testing.assert_close(logp.detach(), scores, atol=0.1, rtol=0.02)  # bf16 compute both times
         layer = adapter.model.model.language_model.layers[0]
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+        # (3) Lightning's gradient clipping refuses FSDP1; the Policy clips through the root instead
+        policy = Policy(adapter, loss=SimPO())
+        policy._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+        grads = lambda: [p.grad for p in root.parameters() if p.grad is not None]  # noqa: E731
+        assert torch.nn.utils.get_total_norm(grads()) > 1e-3
+        policy.configure_gradient_clipping(None, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
+        torch.testing.assert_close(torch.nn.utils.get_total_norm(grads()), torch.tensor(1e-3), rtol=1e-3, atol=0)
     finally:
         dist.destroy_process_group()

@@ -57,10 +57,12 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_adapter):
     assert not torch.equal(a[0, 0], a[0, 1]), "the K samples of one prompt should differ"
 
 
-def _all_logprobs(adapter, prompt, tokens):
+def _all_logprobs(adapter, prompt, tokens, ids=None):
     """log_softmax of the generation head at each image position, one full forward per position
-    (no cache, no batching): an independent reference for image_logprobs."""
-    ids, _ = adapter.generation_inputs([prompt])
+    (no cache, no batching): an independent reference for image_logprobs. `ids` replaces the
+    prompt's own ids (e.g. an unconditional prompt)."""
+    if ids is None:
+        ids, _ = adapter.generation_inputs([prompt])
     embed = adapter.model.get_input_embeddings()(ids)
     rows = []
     with torch.no_grad():
@@ -111,3 +113,24 @@ def test_decode_then_encode_round_trip_shapes(tiny_adapter):
     assert 0 <= pixels.min() and pixels.max() <= 1
     codes = tiny_adapter.encode_images(pixels)
     assert codes.shape == tokens.shape and codes.dtype == torch.long
+
+
+def test_guided_image_logprobs_are_the_cfg_samplers_distribution(tiny_adapter):
+    """image_logprobs(guidance_scale=s) = log softmax(uncond + s (cond - uncond)), with the unconditional
+    prompt transformers' CFG uses; its argmax is what transformers' greedy CFG generation picks."""
+    s = 5.0
+    tokens = torch.stack([_hf_generate(tiny_adapter, [p], guidance_scale=s)[0] for p in MIXED[:2]])
+    guided = tiny_adapter.image_logprobs(MIXED[:2], tokens, guidance_scale=s)  # a left-padded batch
+    assert guided.requires_grad
+    for i, prompt in enumerate(MIXED[:2]):
+        ids, _ = tiny_adapter.generation_inputs([prompt])
+        keep = (ids == tiny_adapter.bos_id) | (ids == tiny_adapter.boi_id)
+        cond = _all_logprobs(tiny_adapter, prompt, tokens[i])
+        uncond = _all_logprobs(tiny_adapter, prompt, tokens[i], ids=ids.masked_fill(~keep, tiny_adapter.pad_id))
+        reference = (uncond + s * (cond - uncond)).log_softmax(-1)
+        assert torch.equal(reference.argmax(-1), tokens[i]), "greedy CFG picks the guided argmax"
+        torch.testing.assert_close(guided[i], reference.gather(-1, tokens[i, :, None]).squeeze(-1), atol=1e-4, rtol=1e-4)
+        plain = cond.gather(-1, tokens[i, :, None]).squeeze(-1)
+        assert (guided[i] - plain).abs().max() > 0.01, "guidance must change the log-probs"
+    torch.testing.assert_close(tiny_adapter.image_logprobs(MIXED[:2], tokens, guidance_scale=1.0),
+                               tiny_adapter.image_logprobs(MIXED[:2], tokens))

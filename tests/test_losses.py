@@ -137,3 +137,32 @@ def test_chosen_nll_loss_learns_the_chosen_sample_only():
     loss.sum().backward()
     assert torch.allclose(chosen.grad, torch.tensor([-1 / 3, -1 / 2])) and rejected.grad is None
     assert ChosenNLL().prefers_chosen(pairs).tolist() == [False, True]  # -2 < -1 per token; -1 > -3
+
+
+def test_guided_logps_train_the_cfg_distribution_for_policy_and_reference(tiny_folder):
+    """guided_logps: the pair loss reads log-probs under the group's sampling CFG scale, for the policy
+    and the Reference alike; without it, the conditional model's."""
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import Policy
+
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(beta=0.1), guided_logps=True)
+    plain = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(beta=0.1))
+    group = _fixed_pairs(policy)
+    group.guidance_scale = 3.0
+    chosen, rejected = group.pairs[:, [0, 1]], group.pairs[:, [0, 2]]
+    tokens = lambda rows: group.image_tokens[rows[:, 0], rows[:, 1]]  # noqa: E731
+    prompts = [group.prompts[r] for r in group.pairs[:, 0].tolist()]
+    with torch.no_grad():
+        guided = {n: policy.model.image_logprobs(prompts, tokens(rows), 3.0).sum(-1) for n, rows in (("c", chosen), ("r", rejected))}
+        cond = {n: policy.model.image_logprobs(prompts, tokens(rows)).sum(-1) for n, rows in (("c", chosen), ("r", rejected))}
+        _, stats = policy.direction_loss(group)
+        _, plain_stats = plain.direction_loss(group)
+    n = policy.model.num_image_tokens
+    assert torch.allclose(stats["logp_chosen"], (guided["c"] / n).mean(), atol=1e-4)
+    assert torch.allclose(plain_stats["logp_chosen"], (cond["c"] / n).mean(), atol=1e-4)
+    assert not torch.allclose(guided["c"], cond["c"], atol=1e-2)
+    # the Reference is the initial model: at the start the DPO margin is 0 in both modes
+    assert abs(float(stats["loss"]) - math.log(2)) < 1e-5
+    value, _ = policy.direction_loss(group)
+    value.backward()  # gradients reach the weights through the guided log-probs
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.model.parameters())

@@ -75,10 +75,13 @@ class LMMAdapter(nn.Module, ABC):
         """Pixels (n, 3, H, W) in [0, 1] -> VQ tokens (n, N)."""
 
     @abstractmethod
-    def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor) -> torch.Tensor:
-        """Per-token log p(image token | prompt, earlier image tokens), (n, N), no CFG.
+    def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Per-token log p(image token | prompt, earlier image tokens), (n, N).
 
         `prompts[i]` conditions `tokens[i]`; this is the policy log-prob of a generated image.
+        guidance_scale 1: the conditional model alone. s != 1: the classifier-free-guided
+        distribution that `sample_images` draws from at temperature 1 with the same scale,
+        log softmax(uncond + s * (cond - uncond)), with the same unconditional input.
         """
 
     @abstractmethod

@@ -225,9 +225,8 @@ class JanusAdapter(LMMAdapter):
         ids, mask = self.generation_inputs(prompts)
         n_prompts, n_tokens = len(prompts), self.num_image_tokens
         cfg = sampling.guidance_scale != 1.0
-        if cfg:  # unconditional rows keep BOS and <begin_of_image>; the prompt in between becomes pad
-            uncond = ids.masked_fill((ids != self.bos_id) & (ids != self.boi_id), self.pad_id)
-            ids, mask = torch.cat([ids, uncond]), torch.cat([mask, mask])
+        if cfg:
+            ids, mask = self._with_unconditional(ids, mask)
         lm, head = self.model.model.language_model, self.model.model.generation_head
         prefix, length = ids.shape[1], ids.shape[1] + n_tokens - 1  # the last image token is never fed back
 
@@ -269,17 +268,30 @@ class JanusAdapter(LMMAdapter):
             )[:, -1]
         return tokens.view(n_prompts, k, n_tokens)
 
-    def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor) -> torch.Tensor:
+    def _with_unconditional(self, ids: torch.LongTensor, mask: torch.LongTensor):
+        """Rows [conditional; unconditional] for CFG: the unconditional rows keep BOS and
+        <begin_of_image>, the prompt in between becomes pad (Janus' convention)."""
+        uncond = ids.masked_fill((ids != self.bos_id) & (ids != self.boi_id), self.pad_id)
+        return torch.cat([ids, uncond]), torch.cat([mask, mask])
+
+    def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor, guidance_scale: float = 1.0) -> torch.Tensor:
         self._gather_root()
         ids, mask = self.generation_inputs(prompts)
         tokens = tokens.to(ids.device)
         n_tokens = tokens.shape[1]
-        embeds = torch.cat(
-            [self.model.get_input_embeddings()(ids), self._embed_image_tokens(tokens[:, :-1])], dim=1
-        )
+        cfg = guidance_scale != 1.0
+        if cfg:
+            ids, mask = self._with_unconditional(ids, mask)
+        fed = tokens[:, :-1].repeat(2, 1) if cfg else tokens[:, :-1]
+        embeds = torch.cat([self.model.get_input_embeddings()(ids), self._embed_image_tokens(fed)], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_tokens - 1)], dim=1)
-        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # use_cache=False in every scoring forward: a cache made here would be filled again when an
+        # activation-checkpointed layer recomputes in backward (keys twice as long: an H100 FSDP1 run)
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         logits = self.model.model.generation_head(hidden[:, -n_tokens:]).float()
+        if cfg:  # the sampler's rule
+            cond, uncond = logits.chunk(2)
+            logits = uncond + guidance_scale * (cond - uncond)
         return logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
     # ---- pixels <-> tokens ---------------------------------------------------------------------------
@@ -327,7 +339,7 @@ class JanusAdapter(LMMAdapter):
         ids, attn, answer_mask = ids.to(self.device), attn.to(self.device), answer_mask.to(self.device)
         self._gather_root()
         pixel_values = None if pixels is None else self.understanding_pixels(pixels)
-        hidden = self.model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=attn).last_hidden_state
+        hidden = self.model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=attn, use_cache=False).last_hidden_state
         # position t predicts token t + 1: the answer is predicted from len(prefix) - 1 on
         logits = self.model.lm_head(hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]).float()
         logps = logits.log_softmax(-1).gather(-1, ids[:, len(prefix) :, None]).squeeze(-1)

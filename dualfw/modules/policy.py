@@ -53,6 +53,12 @@ class Policy(L.LightningModule):
         stall_tolerance: see stall_patience.
         chosen_nll_weight: weight w of a likelihood term on each pair's chosen sample,
             L = L_pref + w * mean(-log pi(y_w|x) / |y_w|) (see dualfw.losses.chosen_nll); 0 = off.
+        guided_logps: t2i log-probs (the policy's and the Reference's) under the classifier-free
+            guidance the images were sampled with, log softmax(uncond + s * (cond - uncond)): the
+            loss then trains the distribution the sampler draws from, through the conditional and
+            the unconditional (prompt-less) rows. False: the conditional model alone (the paper);
+            with CFG sampling that trains a distribution other than the sampled one, and CFG applied
+            again at sampling time compounds the change.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class Policy(L.LightningModule):
         stall_patience: int = 20,
         stall_tolerance: float = 0.01,
         chosen_nll_weight: float = 0.0,
+        guided_logps: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -80,7 +87,7 @@ class Policy(L.LightningModule):
         )
         if chosen_nll_weight < 0:
             raise ConfigError(f"model.init_args.chosen_nll_weight must be >= 0, got {chosen_nll_weight}")
-        self.chosen_nll_weight = chosen_nll_weight
+        self.chosen_nll_weight, self.guided_logps = chosen_nll_weight, guided_logps
         self._stalled_steps = {"t2i": 0, "i2t": 0}
         self._peft = []  # the PeftModel wraps self.model's weights; a list keeps them from being saved twice
         initial = None  # how to reach the initial weights: a copy, or the LoRA model with adapters off
@@ -148,10 +155,10 @@ class Policy(L.LightningModule):
             return self._idle_loss(group), stats
         n = len(group.pairs)
         samples = torch.cat([group.pairs[:, [0, 1]], group.pairs[:, [0, 2]]])
-        logps, lengths = sequence_logps(self.model, group, samples)
+        logps, lengths = sequence_logps(self.model, group, samples, self.guided_logps)
         pairs = PairLogps(logps[:n], logps[n:], lengths[:n], lengths[n:])
         if self.reference is not None:
-            ref, _ = self.reference.sequence_logps(group, samples)
+            ref, _ = self.reference.sequence_logps(group, samples, self.guided_logps)
             pairs.ref_chosen, pairs.ref_rejected = ref[:n], ref[n:]
         loss = self.loss(pairs).mean()
         stats.update(
@@ -174,11 +181,11 @@ class Policy(L.LightningModule):
             return self._idle_loss(group), stats
         k = group.rewards.shape[1]
         samples = torch.stack([rows.repeat_interleave(k), torch.arange(k, device=rows.device).repeat(len(rows))], 1)
-        logps, lengths = sequence_logps(self.model, group, samples)
+        logps, lengths = sequence_logps(self.model, group, samples, self.guided_logps)
         per_token = (logps / lengths).view(len(rows), k)
         ref = None
         if self.reference is not None:
-            ref_logps, _ = self.reference.sequence_logps(group, samples)
+            ref_logps, _ = self.reference.sequence_logps(group, samples, self.guided_logps)
             ref = (ref_logps / lengths).view(len(rows), k)
         loss = self.loss.group_loss(per_token, group.rewards[rows].float(), ref).mean()
         stats.update({"loss": loss.detach(), "logp_mean": per_token.mean().detach()})
@@ -190,7 +197,7 @@ class Policy(L.LightningModule):
         same forward/backward collectives (FSDP all-gathers, DDP all-reduces) or they wait forever."""
         if self._trainer is None or self.trainer.world_size == 1:
             return None
-        logps, _ = sequence_logps(self.model, group, torch.zeros(1, 2, dtype=torch.long, device=self.device))
+        logps, _ = sequence_logps(self.model, group, torch.zeros(1, 2, dtype=torch.long, device=self.device), self.guided_logps)
         return 0.0 * logps.sum()
 
     # ---- training ------------------------------------------------------------------------------
@@ -260,6 +267,18 @@ class Policy(L.LightningModule):
         norms = grad_norm(self.model, norm_type=2)
         if norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Under FSDP1 (Lightning's FSDPStrategy) clip by norm through the root unit, which takes the
+        norm over every rank's shard: Lightning's own clipping refuses FSDP1 ("`gradient_clip_algorithm=
+        'norm'` is currently not supported for `FSDPPrecision`", at the first step of an H100 run)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self._trainer.strategy.model if self._trainer is not None else None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(root, FullyShardedDataParallel):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -51,6 +51,6 @@ class Reference(L.LightningModule):
             return self.model.image_logprobs(prompts, tokens)
 
     @torch.no_grad()
-    def sequence_logps(self, group: Group, samples: Tensor) -> tuple[Tensor, Tensor]:
+    def sequence_logps(self, group: Group, samples: Tensor, guided: bool = False) -> tuple[Tensor, Tensor]:
         with self._initial():
-            return sequence_logps(self.model, group, samples)
+            return sequence_logps(self.model, group, samples, guided)
