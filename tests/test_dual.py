@@ -63,6 +63,38 @@ def test_pmi_rewards_equal_their_two_terms(tiny_adapter):
     assert torch.allclose(pmi.image_rewards(tokens, prompts), plain.image_rewards(tokens, prompts) - no_image, atol=1e-5)
 
 
+def test_batch_contrast_rewards_subtract_the_log_mean_likelihood_of_the_other_inputs(tiny_adapter):
+    from dualfw.errors import ConfigError
+
+    pixels = _pixels(tiny_adapter, 3)
+    image_tokens = tiny_adapter.encode_images(pixels)
+    plain, contrast = DualScorer(), DualScorer(batch_contrast=True)
+    plain.attach(tiny_adapter)
+    contrast.attach(tiny_adapter)
+    # t2i: 2 samples for each of 3 prompts; each image against the two prompts it was not sampled for
+    prompts = ["a red circle", "two squares", "a blue triangle"]
+    rows = [p for p in prompts for _ in range(2)]
+    tokens = image_tokens[[0, 1, 2, 0, 1, 2]]
+    got = contrast.image_rewards(tokens, rows)
+    for j, prompt in enumerate(rows):
+        others = [plain.prompt_loglik(tokens[j : j + 1], [q])[0] for q in prompts if q != prompt]
+        expected = plain.prompt_loglik(tokens[j : j + 1], [prompt])[0] - (torch.stack(others).exp().mean().log())
+        # scored one at a time here, batched there: they differ by up to ~6e-4 on this model
+        assert torch.allclose(got[j], expected, atol=2e-3), j
+    # i2t: each description against the batch's other images
+    texts = [["a circle", "a blue square"], ["two triangles", "a dog"], ["a red square", "three circles"]]
+    got = contrast.text_rewards(image_tokens, texts)
+    for b in range(3):
+        for k, text in enumerate(texts[b]):
+            own = plain.image_loglik(image_tokens[b : b + 1], [text])[0]
+            others = torch.stack([plain.image_loglik(image_tokens[o : o + 1], [text])[0] for o in range(3) if o != b])
+            assert torch.allclose(got[b, k], own - others.exp().mean().log(), atol=2e-3), (b, k)
+    with pytest.raises(ConfigError, match="inputs_per_step"):
+        contrast.image_rewards(tokens[:2], ["a red circle"] * 2)
+    with pytest.raises(ConfigError, match="inputs_per_step"):
+        contrast.text_rewards(image_tokens[:1], texts[:1])
+
+
 def test_ipo_and_grpo_against_hand_computed_values():
     # IPO: h = (-10 + 11) - (-12 + 11) = 2, tau 0.25 -> target 2 -> loss 0; tau 0.5 -> (2 - 1)^2 = 1
     args = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0])
