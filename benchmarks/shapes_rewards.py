@@ -1,0 +1,119 @@
+"""Which self-reward picks the right image, and does it favour clutter? No training.
+
+    python benchmarks/shapes_rewards.py                       # the shipped Shapes base, ~2 min on 2 cores
+    python benchmarks/shapes_rewards.py --model runs/t2i/version_0/export
+
+For `--slots` prompts per tag (GenEval-style, the exact detector as judge), K images are sampled
+with CFG 2 like a training step, and each image is scored by R_G against its own prompt and
+`--negatives` other prompts drawn at random from the world (what a training batch of
+negatives + 1 prompts holds). Per reward it prints:
+
+  best-of-K    lenient / strict accuracy and objects per image of each prompt's top-scored image
+  pairs        best-vs-worst pairs (what `pairing: best_worst` trains on) by the strict judge: share
+               right (chosen correct, rejected not), wrong (the reverse), and the mean object-count
+               difference chosen - rejected (> 0: the reward teaches clutter)
+  AUC          within-prompt AUC of the reward against the strict judge
+
+Rewards: R_G (the paper); R_G relative to the other prompts (`DualScorer(batch_contrast=True)`,
+the log-mean-exp over them); R_G minus a single other prompt's R_G. The per-sample base
+accuracy and the oracle best-of-K are printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from dualfw.models.base import ImageSampling
+from dualfw.models.janus import JanusAdapter
+from dualfw.modules.scorer import DualScorer
+from dualfw.shapes.detector import ShapesDetector
+from dualfw.shapes.evaluate import judge_images, to_uint8, within_group_auc
+from dualfw.shapes.text import TAGS, enumerate_geneval_prompts
+from dualfw.shapes.world import WorldConfig
+
+
+def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int):
+    """Sample and judge; returns per (prompt slot, sample): R_G for own prompt + negatives, judged
+    lenient / strict correctness, objects, and the slot's tag."""
+    detector = ShapesDetector(WorldConfig(resolution=adapter.image_size))
+    records = enumerate_geneval_prompts(WorldConfig(resolution=adapter.image_size))
+    every = [r["prompt"] for r in records]
+    by_tag = defaultdict(list)
+    for r in records:
+        by_tag[r["tag"]].append(r)
+    rng = random.Random(seed)
+    out = defaultdict(list)
+    for t, tag in enumerate(TAGS):
+        chosen = (by_tag[tag] * math.ceil(slots / len(by_tag[tag])))[:slots]
+        for start in range(0, slots, 16):
+            chunk = chosen[start : start + 16]
+            tokens = adapter.sample_images([r["prompt"] for r in chunk], k, ImageSampling(guidance_scale=2.0), seed=seed * 1000 + t * 100 + start)
+            flat = tokens.flatten(0, 1)
+            rows = [r for r in chunk for _ in range(k)]
+            lenient, strict = judge_images(rows, to_uint8(adapter.decode_images(flat)), detector)
+            columns = [[r["prompt"]] + rng.sample([p for p in every if p != r["prompt"]], negatives) for r in rows]
+            scores = torch.stack([scorer.image_rewards(flat, [c[j] for c in columns]) for j in range(negatives + 1)], 1)
+            out["R"].append(scores.float().cpu().numpy().reshape(len(chunk), k, negatives + 1))
+            out["ok"].append(np.array([x.correct for x in lenient]).reshape(-1, k))
+            out["strict"].append(np.array([x.correct for x in strict]).reshape(-1, k))
+            out["objects"].append(np.array([x.num_objects for x in lenient]).reshape(-1, k))
+            out["tag"] += [tag] * len(chunk)
+    return {key: np.concatenate(v) if key != "tag" else np.array(v) for key, v in out.items()}
+
+
+def log_mean_exp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = x.max(axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).mean(axis, keepdims=True))).squeeze(axis)
+
+
+def report(name: str, reward: np.ndarray, d: dict) -> str:
+    rows = np.arange(len(reward))
+    best, worst = reward.argmax(1), reward.argmin(1)
+    ok, strict, objects = d["ok"], d["strict"].astype(int), d["objects"]
+    right = (strict[rows, best] > strict[rows, worst]).mean()
+    wrong = (strict[rows, best] < strict[rows, worst]).mean()
+    return (
+        f"| {name} | {ok[rows, best].mean():.3f} | {strict[rows, best].mean():.3f} | {objects[rows, best].mean():.2f} "
+        f"| {right:.3f} | {wrong:.3f} | {(objects[rows, best] - objects[rows, worst]).mean():+.2f} "
+        f"| {within_group_auc(reward, d['strict']):.3f} |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dualfw:assets/shapes_base")
+    ap.add_argument("--slots", type=int, default=32, help="prompts per tag (cycling through the tag's prompts)")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--negatives", type=int, default=3, help="other prompts each image is scored against")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.negatives < 1:
+        raise SystemExit("--negatives must be >= 1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    adapter = JanusAdapter(path=args.model).eval()
+    scorer = DualScorer()
+    scorer.attach(adapter)
+    start = time.time()
+    d = score_matrix(adapter, scorer, args.slots, args.k, args.negatives, args.seed)
+    own = d["R"][..., 0]
+    print(f"{args.model}: {len(own)} prompts x K={args.k}, {args.negatives} negatives, {time.time() - start:.0f} s")
+    print(f"per sample: lenient {d['ok'].mean():.3f}, strict {d['strict'].mean():.3f}, {d['objects'].mean():.2f} objects; "
+          f"oracle best-of-{args.k}: lenient {d['ok'].any(1).mean():.3f}, strict {d['strict'].any(1).mean():.3f}")
+    print("| reward | best-of-K lenient | strict | objects | pairs right | pairs wrong | objects chosen - rejected | AUC (strict) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(report("R_G", own, d))
+    print(report(f"R_G vs {args.negatives} other prompts (batch_contrast)", own - log_mean_exp(d["R"][..., 1:]), d))
+    print(report("R_G - R_G(one other prompt)", own - d["R"][..., 1], d))
+
+
+if __name__ == "__main__":
+    main()
