@@ -105,12 +105,16 @@ class DualScorer(L.LightningModule):
             yield slice(start, start + self.batch_size)
 
     @torch.no_grad()
-    def prompt_loglik(self, tokens: Tensor | None, prompts: list[str]) -> Tensor:
-        """log pi(prompt | image), reduced; tokens None scores the prompts with no image."""
+    def prompt_loglik(self, tokens: Tensor | None, prompts: list[str], pixels: Tensor | None = None) -> Tensor:
+        """log pi(prompt | image), reduced; tokens None scores the prompts with no image. `pixels`:
+        the images already decoded from `tokens`, when they are scored more than once."""
         out = []
         for part in self._chunks(len(prompts)):
-            pixels = None if tokens is None else self.model.decode_images(tokens[part])
-            logps, mask = self.model.text_logprobs(pixels, prompts[part], self.instruction, eos=self.score_eos)
+            if tokens is None:
+                images = None
+            else:
+                images = pixels[part] if pixels is not None else self.model.decode_images(tokens[part])
+            logps, mask = self.model.text_logprobs(images, prompts[part], self.instruction, eos=self.score_eos)
             out.append(reduce_logps(logps, mask, self.reduction))
         return torch.cat(out)
 
@@ -130,7 +134,8 @@ class DualScorer(L.LightningModule):
             return self._image_rewards(tokens, prompts)
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
-        rewards = self.prompt_loglik(tokens, prompts)
+        pixels = self.model.decode_images(tokens) if self.batch_contrast else None  # decoded once, scored often
+        rewards = self.prompt_loglik(tokens, prompts, pixels)
         if self.contrastive:
             unique = sorted(set(prompts))
             baseline = dict(zip(unique, self.prompt_loglik(None, unique).tolist()))
@@ -139,7 +144,9 @@ class DualScorer(L.LightningModule):
             unique = sorted(set(prompts))
             index = [unique.index(p) for p in prompts]
             # shift s pairs every image with each other prompt exactly once
-            others = [self.prompt_loglik(tokens, [unique[(i + s) % len(unique)] for i in index]) for s in range(1, len(unique))]
+            others = [
+                self.prompt_loglik(tokens, [unique[(i + s) % len(unique)] for i in index], pixels) for s in range(1, len(unique))
+            ]
             rewards = rewards - _log_mean_exp(others, "prompts", len(unique))
         return rewards
 
