@@ -48,12 +48,16 @@ def test_text_reward_is_teacher_forced_image_likelihood(tiny_adapter):
         assert torch.allclose(rewards[0, j], reference, atol=1e-5)
 
 
+def _plain_and_variant(adapter, n_images: int, **variant):
+    """VQ tokens of n test images, a plain DualScorer and one with `variant`, both on `adapter`."""
+    plain, other = DualScorer(), DualScorer(**variant)
+    plain.attach(adapter)
+    other.attach(adapter)
+    return adapter.encode_images(_pixels(adapter, n_images)), plain, other
+
+
 def test_pmi_rewards_equal_their_two_terms(tiny_adapter):
-    pixels = _pixels(tiny_adapter, 2)
-    image_tokens = tiny_adapter.encode_images(pixels)
-    plain, pmi = DualScorer(), DualScorer(contrastive=True)
-    plain.attach(tiny_adapter)
-    pmi.attach(tiny_adapter)
+    image_tokens, plain, pmi = _plain_and_variant(tiny_adapter, 2, contrastive=True)
     texts = [["a circle", "a blue square"], ["two triangles", "a dog"]]
     unconditional = plain.image_loglik(image_tokens, ["", ""])
     assert torch.allclose(pmi.text_rewards(image_tokens, texts), plain.text_rewards(image_tokens, texts) - unconditional[:, None], atol=1e-5)
@@ -66,11 +70,7 @@ def test_pmi_rewards_equal_their_two_terms(tiny_adapter):
 def test_batch_contrast_rewards_subtract_the_log_mean_likelihood_of_the_other_inputs(tiny_adapter):
     from dualfw.errors import ConfigError
 
-    pixels = _pixels(tiny_adapter, 3)
-    image_tokens = tiny_adapter.encode_images(pixels)
-    plain, contrast = DualScorer(), DualScorer(batch_contrast=True)
-    plain.attach(tiny_adapter)
-    contrast.attach(tiny_adapter)
+    image_tokens, plain, contrast = _plain_and_variant(tiny_adapter, 3, batch_contrast=True)
     # t2i: 2 samples for each of 3 prompts; each image against the two prompts it was not sampled for
     prompts = ["a red circle", "two squares", "a blue triangle"]
     rows = [p for p in prompts for _ in range(2)]
