@@ -17,6 +17,10 @@ negatives + 1 prompts holds). Per reward it prints:
 Rewards: R_G (the paper); R_G relative to the other prompts (`DualScorer(batch_contrast=True)`,
 the log-mean-exp over them); R_G minus a single other prompt's R_G. The per-sample base
 accuracy and the oracle best-of-K are printed first.
+
+Last, whether the generator listens to colour words at all (`color_conditioning`): rendered
+ground-truth scenes of each colors prompt ("a photo of a red circle"), scored by the CFG-2
+log-likelihood of their tokens under the six prompts that differ only in the colour.
 """
 
 from __future__ import annotations
@@ -68,6 +72,28 @@ def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int)
     return {key: np.concatenate(v) if key != "tag" else np.array(v) for key, v in out.items()}
 
 
+@torch.no_grad()
+def color_conditioning(adapter, scenes_per_prompt: int = 8, seed: int = 0) -> tuple[float, float]:
+    """(mean log-likelihood of a scene under its own colour's prompt minus the log-mean-exp over the
+    six colours' prompts, share of scenes whose own colour's prompt is the most likely; chance 1/6)."""
+    from dualfw.shapes.sft import scene_for_record, to_pixels
+    from dualfw.shapes.world import render
+
+    world = WorldConfig(resolution=adapter.image_size)
+    records = [r for r in enumerate_geneval_prompts(world) if r["tag"] == "colors"]
+    rng = np.random.default_rng(seed)
+    gains, top = [], []
+    for record in records:
+        tokens = adapter.encode_images(to_pixels([render(scene_for_record(record, rng, world)) for _ in range(scenes_per_prompt)]))
+        shape = record["include"][0]["class"]
+        rivals = [r["prompt"] for r in records if r["include"][0]["class"] == shape]
+        logps = torch.stack([adapter.image_logprobs([p] * len(tokens), tokens, 2.0).sum(-1) for p in rivals])
+        own = rivals.index(record["prompt"])
+        gains.append((logps[own] - logps.logsumexp(0) + math.log(len(rivals))).mean().item())
+        top.append((logps.argmax(0) == own).float().mean().item())
+    return float(np.mean(gains)), float(np.mean(top))
+
+
 def log_mean_exp(x: np.ndarray, axis: int = -1) -> np.ndarray:
     m = x.max(axis, keepdims=True)
     return (m + np.log(np.exp(x - m).mean(axis, keepdims=True))).squeeze(axis)
@@ -113,6 +139,9 @@ def main() -> None:
     print(report("R_G", own, d))
     print(report(f"R_G vs {args.negatives} other prompts (batch_contrast)", own - log_mean_exp(d["R"][..., 1:]), d))
     print(report("R_G - R_G(one other prompt)", own - d["R"][..., 1], d))
+    gain, top = color_conditioning(adapter, seed=args.seed)
+    print(f"colour conditioning of the generator: own colour's prompt {gain:+.3f} nats per image above the "
+          f"six colours' mean; the most likely for {top:.2f} of scenes (chance 0.17)")
 
 
 if __name__ == "__main__":
