@@ -99,6 +99,15 @@ def log_mean_exp(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return (m + np.log(np.exp(x - m).mean(axis, keepdims=True))).squeeze(axis)
 
 
+def pair_stats(reward: np.ndarray, d: dict) -> str:
+    rows = np.arange(len(reward))
+    best, worst = reward.argmax(1), reward.argmin(1)
+    strict, objects = d["strict"].astype(int), d["objects"]
+    right = (strict[rows, best] > strict[rows, worst]).mean()
+    wrong = (strict[rows, best] < strict[rows, worst]).mean()
+    return f"{right:.2f} / {wrong:.2f} / {(objects[rows, best] - objects[rows, worst]).mean():+.2f}"
+
+
 def report(name: str, reward: np.ndarray, d: dict) -> str:
     rows = np.arange(len(reward))
     best, worst = reward.argmax(1), reward.argmin(1)
@@ -139,6 +148,12 @@ def main() -> None:
     print(report("R_G", own, d))
     print(report(f"R_G vs {args.negatives} other prompts (batch_contrast)", own - log_mean_exp(d["R"][..., 1:]), d))
     print(report("R_G - R_G(one other prompt)", own - d["R"][..., 1], d))
+    print("\nbest-vs-worst pairs per tag (strict judge): right / wrong / objects chosen - rejected")
+    contrast = own - log_mean_exp(d["R"][..., 1:])
+    for tag in TAGS:
+        mask = d["tag"] == tag
+        sub = {key: value[mask] for key, value in d.items()}
+        print(f"  {tag:14s} R_G {pair_stats(own[mask], sub)}   batch_contrast {pair_stats(contrast[mask], sub)}")
     gain, top = color_conditioning(adapter, seed=args.seed)
     print(f"colour conditioning of the generator: own colour's prompt {gain:+.3f} nats per image above the "
           f"six colours' mean; the most likely for {top:.2f} of scenes (chance 0.17)")
