@@ -99,25 +99,28 @@ def log_mean_exp(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return (m + np.log(np.exp(x - m).mean(axis, keepdims=True))).squeeze(axis)
 
 
-def pair_stats(reward: np.ndarray, d: dict) -> str:
+def pairs(reward: np.ndarray, d: dict) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """Each prompt's top and bottom sample by `reward`, and of those best-vs-worst pairs by the
+    strict judge: the share right, the share wrong, the mean objects chosen - rejected."""
     rows = np.arange(len(reward))
     best, worst = reward.argmax(1), reward.argmin(1)
     strict, objects = d["strict"].astype(int), d["objects"]
     right = (strict[rows, best] > strict[rows, worst]).mean()
     wrong = (strict[rows, best] < strict[rows, worst]).mean()
-    return f"{right:.2f} / {wrong:.2f} / {(objects[rows, best] - objects[rows, worst]).mean():+.2f}"
+    return best, worst, right, wrong, (objects[rows, best] - objects[rows, worst]).mean()
+
+
+def pair_stats(reward: np.ndarray, d: dict) -> str:
+    _, _, right, wrong, objects = pairs(reward, d)
+    return f"{right:.2f} / {wrong:.2f} / {objects:+.2f}"
 
 
 def report(name: str, reward: np.ndarray, d: dict) -> str:
     rows = np.arange(len(reward))
-    best, worst = reward.argmax(1), reward.argmin(1)
-    ok, strict, objects = d["ok"], d["strict"].astype(int), d["objects"]
-    right = (strict[rows, best] > strict[rows, worst]).mean()
-    wrong = (strict[rows, best] < strict[rows, worst]).mean()
+    best, _, right, wrong, objects = pairs(reward, d)
     return (
-        f"| {name} | {ok[rows, best].mean():.3f} | {strict[rows, best].mean():.3f} | {objects[rows, best].mean():.2f} "
-        f"| {right:.3f} | {wrong:.3f} | {(objects[rows, best] - objects[rows, worst]).mean():+.2f} "
-        f"| {within_group_auc(reward, d['strict']):.3f} |"
+        f"| {name} | {d['ok'][rows, best].mean():.3f} | {d['strict'][rows, best].mean():.3f} | {d['objects'][rows, best].mean():.2f} "
+        f"| {right:.3f} | {wrong:.3f} | {objects:+.2f} | {within_group_auc(reward, d['strict']):.3f} |"
     )
 
 
