@@ -134,7 +134,9 @@ class DualScorer(L.LightningModule):
             return self._image_rewards(tokens, prompts)
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
-        pixels = self.model.decode_images(tokens) if self.batch_contrast else None  # decoded once, scored often
+        pixels = None
+        if self.batch_contrast:  # decoded once (in scoring-sized chunks), scored against every prompt
+            pixels = torch.cat([self.model.decode_images(tokens[part]) for part in self._chunks(len(tokens))])
         rewards = self.prompt_loglik(tokens, prompts, pixels)
         if self.contrastive:
             unique = sorted(set(prompts))
