@@ -46,8 +46,8 @@ from dualfw.shapes.world import WorldConfig
 def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int):
     """Sample and judge; returns per (prompt slot, sample): R_G for own prompt + negatives, judged
     lenient / strict correctness, objects, and the slot's tag."""
-    detector = ShapesDetector(WorldConfig(resolution=adapter.image_size))
-    records = enumerate_geneval_prompts(WorldConfig(resolution=adapter.image_size))
+    world = WorldConfig(resolution=adapter.image_size)
+    detector, records = ShapesDetector(world), enumerate_geneval_prompts(world)
     every = [r["prompt"] for r in records]
     by_tag = defaultdict(list)
     for r in records:
@@ -61,9 +61,10 @@ def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int)
             tokens = adapter.sample_images([r["prompt"] for r in chunk], k, ImageSampling(guidance_scale=2.0), seed=seed * 1000 + t * 100 + start)
             flat = tokens.flatten(0, 1)
             rows = [r for r in chunk for _ in range(k)]
-            lenient, strict = judge_images(rows, to_uint8(adapter.decode_images(flat)), detector)
+            pixels = adapter.decode_images(flat)  # decoded once: judged, then scored under every column's prompts
+            lenient, strict = judge_images(rows, to_uint8(pixels), detector)
             columns = [[r["prompt"]] + rng.sample([p for p in every if p != r["prompt"]], negatives) for r in rows]
-            scores = torch.stack([scorer.image_rewards(flat, [c[j] for c in columns]) for j in range(negatives + 1)], 1)
+            scores = torch.stack([scorer.prompt_loglik(flat, [c[j] for c in columns], pixels) for j in range(negatives + 1)], 1)
             out["R"].append(scores.float().cpu().numpy().reshape(len(chunk), k, negatives + 1))
             out["ok"].append(np.array([x.correct for x in lenient]).reshape(-1, k))
             out["strict"].append(np.array([x.correct for x in strict]).reshape(-1, k))
@@ -148,11 +149,11 @@ def main() -> None:
           f"oracle best-of-{args.k}: lenient {d['ok'].any(1).mean():.3f}, strict {d['strict'].any(1).mean():.3f}")
     print("| reward | best-of-K lenient | strict | objects | pairs right | pairs wrong | objects chosen - rejected | AUC (strict) |")
     print("|---|---|---|---|---|---|---|---|")
+    contrast = own - log_mean_exp(d["R"][..., 1:])  # what DualScorer(batch_contrast=True) computes
     print(report("R_G", own, d))
-    print(report(f"R_G vs {args.negatives} other prompts (batch_contrast)", own - log_mean_exp(d["R"][..., 1:]), d))
+    print(report(f"R_G vs {args.negatives} other prompts (batch_contrast)", contrast, d))
     print(report("R_G - R_G(one other prompt)", own - d["R"][..., 1], d))
     print("\nbest-vs-worst pairs per tag (strict judge): right / wrong / objects chosen - rejected")
-    contrast = own - log_mean_exp(d["R"][..., 1:])
     for tag in TAGS:
         mask = d["tag"] == tag
         sub = {key: value[mask] for key, value in d.items()}
