@@ -134,3 +134,35 @@ def test_bad_model_folders_are_named(tmp_path):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match=r"model_type 'llama', not a unified LMM"):
         JanusAdapter(path=str(llama))
+
+
+@pytest.mark.parametrize("loss, lora_r", [("SimPO", None), ("DPO", None), ("SimPO", 4)])
+def test_rollouts_from_initial_sample_the_initial_weights(tiny_folder, tmp_path, loss, lora_r):
+    from dualfw import losses
+    from dualfw.data.datamodule import SelfRewardDataModule
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import LoraSpec, Policy
+
+    base = JanusAdapter(path=str(tiny_folder))
+    lora = LoraSpec(r=lora_r) if lora_r else None
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=getattr(losses, loss)(), lora=lora, rollouts_from="initial")
+    if loss == "DPO":
+        assert policy.sampler is policy.reference  # one frozen copy serves both
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # training moved the policy
+    (tmp_path / "prompts.txt").write_text("a circle\na square\n")
+    dm = SelfRewardDataModule(prompts=str(tmp_path / "prompts.txt"), k=2, inputs_per_step=2, progress=False)
+    group = dm.sample("t2i", policy, lambda n, epoch, index: [0, 1], 0, 0, seed=3)
+    expected = base.sample_images(["a circle", "a square"], 2, dm.sampling, seed=3)
+    assert torch.equal(group.image_tokens, expected)
+    assert not torch.equal(policy.model.sample_images(["a circle", "a square"], 2, dm.sampling, seed=3), expected)
+
+
+def test_rollouts_from_a_bad_value_is_named(tiny_folder):
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import Policy
+
+    with pytest.raises(ConfigError, match="model.init_args.rollouts_from must be 'policy' or 'initial', got 'reference'"):
+        Policy(JanusAdapter(path=str(tiny_folder)), rollouts_from="reference")

@@ -194,11 +194,12 @@ class SelfRewardDataModule(L.LightningDataModule):
         return [0]
 
     def sample(self, direction: str, policy, chunk, epoch: int, index: int, seed: int) -> Group | None:
-        """One sampling round of `direction` with the current policy."""
+        """One sampling round of `direction` from `policy.sampler` (the current policy unless
+        `rollouts_from: initial`)."""
         if direction == "t2i":
             records = [self.records[i] for i in chunk(len(self.records), epoch, index)]
             group = rollout_t2i(
-                policy.model, policy.scorer, [r["prompt"] for r in records], self.k, self.sampling,
+                policy.sampler, policy.scorer, [r["prompt"] for r in records], self.k, self.sampling,
                 pairing=self.pairing, margin=self.margin, seed=seed, progress=self.progress,
             )
             group.meta = [{key: v for key, v in r.items() if key != "prompt"} for r in records]
@@ -215,7 +216,7 @@ class SelfRewardDataModule(L.LightningDataModule):
             return None
         pixels = torch.stack([image for _, image in images]).to(policy.device)
         group = rollout_i2t(
-            policy.model, policy.scorer, pixels, self.k, self.text_sampling, self.instruction,
+            policy.sampler, policy.scorer, pixels, self.k, self.text_sampling, self.instruction,
             pairing=self.pairing, margin=self.margin, seed=seed,
         )
         group.meta = [{"image": str(file)} for file, _ in images]

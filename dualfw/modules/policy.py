@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -59,6 +60,11 @@ class Policy(L.LightningModule):
             the unconditional (prompt-less) rows. False: the conditional model alone (the paper);
             with CFG sampling that trains a distribution other than the sampled one, and CFG applied
             again at sampling time compounds the change.
+        rollouts_from: what the candidates are sampled from. "policy" (the paper): re-drawn from the
+            current policy every step. "initial": from the frozen initial model, so the chosen
+            samples are a fixed target, like supervised data; training on the policy's own samples
+            feeds back (each step sharpens the distribution the next samples come from), which on
+            the Shapes base collapsed every high-learning-rate run (README, the study).
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class Policy(L.LightningModule):
         stall_tolerance: float = 0.01,
         chosen_nll_weight: float = 0.0,
         guided_logps: bool = False,
+        rollouts_from: Literal["policy", "initial"] = "policy",
     ) -> None:
         super().__init__()
         self.model = model
@@ -97,6 +104,10 @@ class Policy(L.LightningModule):
         self.scorer.attach(self.model, initial if self.scorer.frozen else None)
         # a list keeps a frozen copy out of checkpoints; it is the initial model, rebuilt on resume
         self._reference = [Reference(self.model, initial)] if self.loss.needs_reference else []
+        if rollouts_from not in ("policy", "initial"):
+            raise ConfigError(f"model.init_args.rollouts_from must be 'policy' or 'initial', got {rollouts_from!r}")
+        # what DataModule rollouts sample from: the policy, or the initial model (the Reference's copy if any)
+        self._sampler = [] if rollouts_from == "policy" else [self.reference or Reference(self.model, initial)]
 
     def configure_model(self) -> None:
         """Shard the model with FSDP2 under Lightning's ModelParallelStrategy (which sets
@@ -116,9 +127,7 @@ class Policy(L.LightningModule):
             raise ConfigError("tensor parallelism is not supported: set ModelParallelStrategy tensor_parallel_size: 1")
         self.model.fully_shard(mesh["data_parallel"] if "data_parallel" in names else mesh)
         self._sharded = True
-        if (self.reference is not None and self.reference.holds_copy) or (
-            self.scorer.frozen and not self._peft
-        ):
+        if any(r.holds_copy for r in (*self._reference, *self._sampler)) or (self.scorer.frozen and not self._peft):
             rank_zero_warn(
                 "FSDP2 shards the policy only: the Reference / frozen scorer copy stays whole on every rank. "
                 "Prefer SimPO with the live scorer, or LoRA (no second copy)."
@@ -128,11 +137,16 @@ class Policy(L.LightningModule):
     def reference(self) -> Reference | None:
         return self._reference[0] if self._reference else None
 
+    @property
+    def sampler(self) -> LMMAdapter | Reference:
+        """What rollouts sample candidates from (`rollouts_from`)."""
+        return self._sampler[0] if self._sampler else self.model
+
     def on_fit_start(self) -> None:
         init_fsdp1_root(self.trainer.strategy.model)
         self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
         # frozen copies live outside the module tree, so Lightning does not move them
-        for frozen in (self.reference, self.scorer):
+        for frozen in (self.reference, self.scorer, *self._sampler):
             if frozen is not None:
                 frozen.move_frozen_to(self.device)
 

@@ -1,4 +1,5 @@
-"""The Reference: the frozen initial policy, for the KL anchors of DPO, IPO and GRPO."""
+"""The Reference: the frozen initial policy, for the KL anchors of DPO, IPO and GRPO, and the
+sampler of `Policy(rollouts_from="initial")`."""
 
 from __future__ import annotations
 
@@ -54,3 +55,19 @@ class Reference(L.LightningModule):
     def sequence_logps(self, group: Group, samples: Tensor, guided: bool = False) -> tuple[Tensor, Tensor]:
         with self._initial():
             return sequence_logps(self.model, group, samples, guided)
+
+    # ---- as a sampler (Policy(rollouts_from="initial")): the calls rollouts make, as the initial model
+    @torch.no_grad()
+    def sample_images(self, *args, **kwargs) -> Tensor:
+        with self._initial():
+            return self.model.sample_images(*args, **kwargs)
+
+    @torch.no_grad()
+    def sample_texts(self, *args, **kwargs) -> list[list[str]]:
+        with self._initial():
+            return self.model.sample_texts(*args, **kwargs)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        with self._initial():
+            return self.model.encode_images(pixels)
