@@ -89,9 +89,11 @@ def main() -> None:
     world = WorldConfig(resolution=adapter.image_size)
     detector = ShapesDetector(world)
     records = [r for r in enumerate_geneval_prompts(world) if r["tag"] == "colors"]
-    scorer = DualScorer(frozen=True)
-    scorer.attach(adapter)
-    sampler = Reference(adapter) if args.sampler == "initial" else adapter
+    sampler = Reference(adapter) if args.sampler == "initial" and args.data != "truth" else adapter
+    scorer = None
+    if args.data == "self":  # R_G of the frozen base
+        scorer = DualScorer(frozen=True)
+        scorer.attach(adapter)
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
