@@ -29,12 +29,13 @@ import time
 import numpy as np
 import torch
 
-from dualfw.eval.geneval import score_image
 from dualfw.models.base import ImageSampling
 from dualfw.models.janus import JanusAdapter
 from dualfw.modules.reference import Reference
 from dualfw.modules.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
+from dualfw.shapes.evaluate import judge_images
+from dualfw.shapes.oracle import OracleScorer
 from dualfw.shapes.sft import to_pixels, to_uint8
 from dualfw.shapes.text import enumerate_geneval_prompts
 from dualfw.shapes.world import WorldConfig, render, scene_for_record
@@ -47,24 +48,20 @@ SAMPLING = ImageSampling(guidance_scale=2.0, temperature=1.0)  # the evaluation'
 def colors_accuracy(adapter, records, detector, per_prompt: int = 4, seed: int = 7) -> float:
     tokens = adapter.sample_images([r["prompt"] for r in records], per_prompt, SAMPLING, seed=seed)
     images = to_uint8(adapter.decode_images(tokens.flatten(0, 1)))
-    rows = [r for r in records for _ in range(per_prompt)]
-    return float(np.mean([score_image(r, detector(i), i).correct for r, i in zip(rows, images)]))
+    lenient, _ = judge_images([r for r in records for _ in range(per_prompt)], images, detector)
+    return float(np.mean([x.correct for x in lenient]))
 
 
 @torch.no_grad()
-def training_images(args, step, batch, adapter, sampler, scorer, detector, world, rng):
+def training_images(args, step, batch, sampler, scorer, world, rng):
     """VQ tokens of one image per record, and the CFG scale to learn them under."""
     if args.data == "truth":
         return sampler.encode_images(to_pixels([render(scene_for_record(r, rng, world)) for r in batch])), 1.0
     prompts = [r["prompt"] for r in batch]
     candidates = sampler.sample_images(prompts, args.k, SAMPLING, seed=step)  # (B, K, N)
-    flat, repeated = candidates.flatten(0, 1), [r for r in batch for _ in range(args.k)]
-    if args.data == "oracle":
-        images = to_uint8(adapter.decode_images(flat))  # the VQ decoder is frozen: the same in both
-        reward = torch.tensor([float(score_image(r, detector(i), i).correct) for r, i in zip(repeated, images)])
+    reward = scorer.image_rewards(candidates.flatten(0, 1), [p for p in prompts for _ in range(args.k)]).float().cpu()
+    if args.data == "oracle":  # a 0/1 verdict: break ties at random
         reward += 1e-3 * torch.rand(len(reward), generator=torch.Generator().manual_seed(step))
-    else:
-        reward = scorer.image_rewards(flat, [r["prompt"] for r in repeated]).float().cpu()
     best = reward.view(len(batch), args.k).argmax(1)
     return candidates[torch.arange(len(batch)), best], 1.0 if args.unguided else SAMPLING.guidance_scale
 
@@ -90,10 +87,9 @@ def main() -> None:
     detector = ShapesDetector(world)
     records = [r for r in enumerate_geneval_prompts(world) if r["tag"] == "colors"]
     sampler = Reference(adapter) if args.sampler == "initial" and args.data != "truth" else adapter
-    scorer = None
-    if args.data == "self":  # R_G of the frozen base
-        scorer = DualScorer(frozen=True)
-        scorer.attach(adapter)
+    # the detector's GenEval verdict (dualfw.shapes.oracle), or R_G of the frozen base
+    scorer = OracleScorer(judge="lenient") if args.data == "oracle" else DualScorer(frozen=args.data == "self")
+    scorer.attach(adapter)
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
@@ -114,7 +110,7 @@ def main() -> None:
     report(0, losses)
     for step in range(1, args.steps + 1):
         batch = [records[int(i)] for i in rng.integers(len(records), size=args.batch)]
-        tokens, scale = training_images(args, step, batch, adapter, sampler, scorer, detector, world, rng)
+        tokens, scale = training_images(args, step, batch, sampler, scorer, world, rng)
         loss = -adapter.image_logprobs([r["prompt"] for r in batch], tokens, scale).mean()
         optimizer.zero_grad()
         loss.backward()
