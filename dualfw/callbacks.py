@@ -9,12 +9,19 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from dualfw.data.datamodule import run_folder
+from dualfw.models.base import ImageSampling
 
 
 class PairImageGrid(L.Callback):
     """After step 1 and every `every_n_steps` after it, a grid of chosen (top row) vs rejected (bottom row) images for the
     first `max_prompts` pairs of the batch: saved as `<run folder>/images/pairs_step{N}.png` and sent
-    to the logger (TensorBoard `add_image`, or any logger with `log_image`)."""
+    to the logger (TensorBoard `add_image`, or any logger with `log_image`).
+
+    With `rollouts_from: initial` the pairs are the frozen initial model's samples and show nothing of
+    training's progress, so a third row holds one sample of the policy itself for each prompt
+    (same sampling settings, seeded by the step; not on a sharded model, whose sampling is a
+    collective this rank-0 callback cannot join).
+    """
 
     def __init__(self, every_n_steps: int = 10, max_prompts: int = 4) -> None:
         self.every_n_steps, self.max_prompts = every_n_steps, max_prompts
@@ -26,19 +33,31 @@ class PairImageGrid(L.Callback):
             return
         pairs = group.pairs[: self.max_prompts]
         n = len(pairs)
-        tokens = torch.cat([group.image_tokens[pairs[:, 0], pairs[:, 1]], group.image_tokens[pairs[:, 0], pairs[:, 2]]])
+        prompts = [group.prompts[i] for i in pairs[:, 0].tolist()]
+        rows = [group.image_tokens[pairs[:, 0], pairs[:, 1]], group.image_tokens[pairs[:, 0], pairs[:, 2]]]
+        own_row = getattr(pl_module, "sampler", pl_module.model) is not pl_module.model and not getattr(pl_module, "_sharded", False)
+        if own_row:
+            rows.append(pl_module.model.sample_images(prompts, 1, self._sampling(trainer, group), seed=step)[:, 0].to(rows[0].device))
+        tokens = torch.cat(rows)
         grid = make_grid(pl_module.model.decode_images(tokens).float().cpu(), nrow=n, padding=2, pad_value=1.0)
         path = Path(run_folder(trainer)) / "images" / f"pairs_step{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
-        caption = " | ".join(group.prompts[i] for i in pairs[:, 0].tolist())
+        caption = " | ".join(prompts)
+        tag = "pairs/chosen_rejected_policy" if own_row else "pairs/chosen_top_rejected_bottom"
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
-                experiment.add_image("pairs/chosen_top_rejected_bottom", grid, step)
+                experiment.add_image(tag, grid, step)
                 experiment.add_text("pairs/prompts", caption, step)
             elif hasattr(logger, "log_image"):
                 logger.log_image(key="pairs", images=[grid], step=step, caption=[caption])
+
+    @staticmethod
+    def _sampling(trainer: L.Trainer, group) -> ImageSampling:
+        """The run's image sampling settings (the DataModule's), else the group's CFG scale."""
+        sampling = getattr(trainer.datamodule, "sampling", None)
+        return sampling if isinstance(sampling, ImageSampling) else ImageSampling(guidance_scale=group.guidance_scale)
 
 
 class ExportPretrained(L.Callback):

@@ -135,3 +135,27 @@ def test_wrong_typed_nested_values_name_their_key_path(capsys):
         assert exit_.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("dualfw: error:") and message in last, (bad, last)
+
+
+@pytest.mark.parametrize("rollouts_from", ["policy", "initial"])
+def test_pair_grid_shows_the_pairs_and_with_initial_rollouts_the_policy_own_samples(tmp_path, tiny_folder, rollouts_from):
+    # the grid is rebuilt from what was written elsewhere: rollouts.jsonl's chosen / rejected tokens
+    # and, for rollouts_from initial, a fresh sample of the trained policy with the step's seed
+    from torchvision.io import read_image
+    from torchvision.utils import make_grid
+
+    from dualfw.models.base import ImageSampling
+
+    cli = cli_main(_fit_args(tmp_path, tiny_folder, "--trainer.max_steps=1", f"--model.init_args.rollouts_from={rollouts_from}"))
+    run = tmp_path / "t2i" / "run"
+    rollouts = list(read_rollouts(run / "rollouts.jsonl"))  # the first round, and the prefetched second
+    first_round = [r for r in rollouts if r["seed"] == rollouts[0]["seed"] and r["pairs"]]
+    assert first_round
+    rows = [torch.tensor([r["image_tokens"][r["pairs"][0][j]] for r in first_round]) for j in (0, 1)]
+    if rollouts_from == "initial":
+        sampling = ImageSampling(**{k: cli.config.fit.data.init_args.sampling[k] for k in ("guidance_scale", "temperature", "top_k", "top_p")})
+        rows.append(cli.model.model.sample_images([r["prompt"] for r in first_round], 1, sampling, seed=1)[:, 0])
+    expected = make_grid(cli.model.model.decode_images(torch.cat(rows)).float(), nrow=len(first_round), padding=2, pad_value=1.0)
+    saved = read_image(str(run / "images" / "pairs_step000001.png"))[:3]
+    assert saved.shape == expected.shape  # 3 rows with initial rollouts, 2 without
+    assert (saved.int() - (expected * 255 + 0.5).clamp(0, 255).int()).abs().max() <= 1
