@@ -136,6 +136,33 @@ def test_bad_model_folders_are_named(tmp_path):
         JanusAdapter(path=str(llama))
 
 
+@pytest.mark.parametrize("lora_r", [None, 4])
+def test_reference_frozen_scorer_and_initial_sampler_share_one_initial_model(tiny_folder, lora_r):
+    # three users of the initial weights, one copy in memory (or none, with LoRA: adapters off)
+    from dualfw.losses import DPO
+    from dualfw.models.janus import JanusAdapter
+    from dualfw.modules.policy import LoraSpec, Policy
+    from dualfw.modules.scorer import DualScorer
+
+    base = JanusAdapter(path=str(tiny_folder))
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), scorer=DualScorer(frozen=True),
+                    lora=LoraSpec(r=lora_r) if lora_r else None, rollouts_from="initial")
+    assert policy.reference is policy.sampler
+    assert policy.scorer.model is policy.reference.model
+    assert (policy.reference.model is policy.model) == bool(lora_r)  # LoRA: the policy with adapters off
+    fresh = DualScorer()
+    fresh.attach(base)
+    tokens = torch.randint(0, 64, (2, base.num_image_tokens))
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # training moved the policy
+    assert torch.allclose(policy.scorer.image_rewards(tokens, ["a circle", "a square"]),
+                          fresh.image_rewards(tokens, ["a circle", "a square"]), atol=1e-5)
+    assert torch.allclose(policy.reference.image_logprobs(["a circle", "a square"], tokens),
+                          base.image_logprobs(["a circle", "a square"], tokens), atol=1e-5)
+
+
 @pytest.mark.parametrize("loss, lora_r", [("SimPO", None), ("DPO", None), ("SimPO", 4)])
 def test_rollouts_from_initial_sample_the_initial_weights(tiny_folder, tmp_path, loss, lora_r):
     from dualfw import losses

@@ -66,7 +66,7 @@ class Policy(L.LightningModule):
             image grids are then the initial model's samples; the grids add a row of the policy's). Learning the policy's own samples feeds
             back: each step sharpens the distribution the next samples come from; on the Shapes
             base, at lr 1e-3, that collapsed drawing within ~100 steps even with the exact detector
-            picking the samples (README, "Larger steps").
+            picking the samples (benchmarks/shapes_updates.md, "Larger steps").
     """
 
     def __init__(
@@ -99,25 +99,29 @@ class Policy(L.LightningModule):
         self.chosen_nll_weight, self.guided_logps = chosen_nll_weight, guided_logps
         self._stalled_steps = {"t2i": 0, "i2t": 0}
         self._peft = []  # the PeftModel wraps self.model's weights; a list keeps them from being saved twice
-        initial = None  # how to reach the initial weights: a copy, or the LoRA model with adapters off
-        if lora is not None:
-            self._peft = [_apply_lora(model, lora)]
-            initial = self._peft[0].disable_adapter
-        self.scorer.attach(self.model, initial if self.scorer.frozen else None)
-        # a list keeps a frozen copy out of checkpoints; it is the initial model, rebuilt on resume
-        self._reference = [Reference(self.model, initial)] if self.loss.needs_reference else []
         if rollouts_from not in ("policy", "initial"):
             raise ConfigError(f"model.init_args.rollouts_from must be 'policy' or 'initial', got {rollouts_from!r}")
-        # what DataModule rollouts sample from: the policy, or the initial model (the Reference's copy if any)
-        self._sampler = [] if rollouts_from == "policy" else [self.reference or Reference(self.model, initial)]
+        if lora is not None:
+            self._peft = [_apply_lora(model, lora)]
+        # The initial model, wherever something needs it (the loss's KL anchor, a frozen scorer,
+        # rollouts_from initial): one frozen copy serves all three, or with LoRA the policy itself
+        # with adapters off. Lists keep it out of checkpoints: it is rebuilt from the config on resume.
+        self._initial: list[Reference] = []
+        if self.loss.needs_reference or self.scorer.frozen or rollouts_from == "initial":
+            self._initial = [Reference(self.model, self._peft[0].disable_adapter if self._peft else None)]
+        initial = self._initial[0] if self._initial else None
+        self.scorer.attach(*((initial.model, initial.context) if self.scorer.frozen else (self.model, None)))
+        self._reference = self._initial if self.loss.needs_reference else []
+        self._sampler = self._initial if rollouts_from == "initial" else []  # what DataModule rollouts sample from
 
     def configure_model(self) -> None:
         """Shard the model with FSDP2 under Lightning's ModelParallelStrategy (which sets
         `device_mesh`); nothing otherwise (one device, DDP, FSDPStrategy wraps by its own policy).
 
-        Lightning calls this at every fit / test start; the model is sharded once. The Reference and a
-        frozen scorer are copies kept outside the module tree: they stay whole on every rank, so with
-        FSDP2 prefer SimPO with the live scorer, or LoRA (the adapters-off policy is then both).
+        Lightning calls this at every fit / test start; the model is sharded once. The frozen initial
+        copy (the Reference, a frozen scorer's model, the initial sampler) is kept outside the module
+        tree: it stays whole on every rank, so with FSDP2 prefer SimPO with the live scorer, or LoRA
+        (the adapters-off policy is then the initial model).
         """
         mesh = self.device_mesh
         if mesh is None or getattr(self, "_sharded", False):
@@ -129,7 +133,7 @@ class Policy(L.LightningModule):
             raise ConfigError("tensor parallelism is not supported: set ModelParallelStrategy tensor_parallel_size: 1")
         self.model.fully_shard(mesh["data_parallel"] if "data_parallel" in names else mesh)
         self._sharded = True
-        if any(r.holds_copy for r in (*self._reference, *self._sampler)) or (self.scorer.frozen and not self._peft):
+        if self._initial and self._initial[0].holds_copy:
             rank_zero_warn(
                 "FSDP2 shards the policy only: the Reference / frozen scorer copy stays whole on every rank. "
                 "Prefer SimPO with the live scorer, or LoRA (no second copy)."
@@ -147,10 +151,9 @@ class Policy(L.LightningModule):
     def on_fit_start(self) -> None:
         init_fsdp1_root(self.trainer.strategy.model)
         self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
-        # frozen copies live outside the module tree, so Lightning does not move them
-        for frozen in (self.reference, self.scorer, *self._sampler):
-            if frozen is not None:
-                frozen.move_frozen_to(self.device)
+        # the frozen initial copy lives outside the module tree, so Lightning does not move it
+        for initial in self._initial:
+            initial.move_frozen_to(self.device)
 
     # ---- the loss of one direction -----------------------------------------------------------------
     def direction_loss(self, group: Group) -> tuple[torch.Tensor | None, dict]:

@@ -1,5 +1,5 @@
-"""The Reference: the frozen initial policy, for the KL anchors of DPO, IPO and GRPO, and the
-sampler of `Policy(rollouts_from="initial")`."""
+"""The Reference: the frozen initial policy, for the KL anchors of DPO, IPO and GRPO, the frozen
+scorer's model and the sampler of `Policy(rollouts_from="initial")` (one copy serves all three)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ class Reference(L.LightningModule):
     @property
     def model(self) -> LMMAdapter:
         return self._model[0]
+
+    @property
+    def context(self) -> Callable[[], ContextManager]:
+        """The context under which `model` computes as the initial model (a no-op for a copy)."""
+        return self._initial
 
     @property
     def holds_copy(self) -> bool:

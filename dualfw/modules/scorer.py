@@ -81,8 +81,9 @@ class DualScorer(L.LightningModule):
         self._initial: Callable[[], ContextManager] = contextlib.nullcontext
 
     def attach(self, policy_model: LMMAdapter, initial: Callable[[], ContextManager] | None = None) -> None:
-        """Score with `policy_model` itself or, when `frozen`, as the initial model: under
-        `initial()` (LoRA adapters disabled) if given, else with a frozen copy."""
+        """Score with `policy_model` itself or, when `frozen`, as the initial model: `policy_model`
+        under `initial()` if given (LoRA adapters disabled; or a frozen copy made elsewhere, with a
+        no-op context), else a frozen copy made here."""
         self._initial = initial or contextlib.nullcontext
         model = policy_model
         if self.frozen and initial is None:
