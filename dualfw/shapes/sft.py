@@ -387,11 +387,15 @@ class ShapesSFT(L.LightningModule):
         return loss, stats
 
     def t2i_loss(self, pixels: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean cross-entropy of the image's VQ tokens given the prompt (the layout of
+        """`t2i_token_loss` of the images' VQ tokens."""
+        with torch.no_grad():
+            tokens = self.model.encode_images(pixels)
+        return self.t2i_token_loss(tokens, prompts, generator)
+
+    def t2i_token_loss(self, tokens: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean cross-entropy of image tokens (n, N) given the prompt (the layout of
         `JanusAdapter.image_logprobs`), with the prompt dropped to pad for a `cfg_drop` share."""
         ad = self.model
-        with torch.no_grad():
-            tokens = ad.encode_images(pixels)
         ids, mask = ad.generation_inputs(prompts)
         if self.cfg_drop > 0:
             drop = torch.rand(len(prompts), generator=generator) < self.cfg_drop
