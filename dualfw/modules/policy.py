@@ -63,8 +63,9 @@ class Policy(L.LightningModule):
         rollouts_from: what the candidates are sampled from. "policy" (the paper): re-drawn from the
             current policy every step. "initial": from the frozen initial model, so the chosen
             samples are a fixed target, like supervised data (rollouts.jsonl and the pairs in the
-            image grids are then the initial model's samples; the grids add a row of the policy's). Learning the policy's own samples feeds
-            back: each step sharpens the distribution the next samples come from; on the Shapes
+            image grids are then the initial model's samples; the grids add a row of the policy's).
+            Learning the policy's own samples feeds back: each step sharpens the distribution the
+            next samples come from; on the Shapes
             base, at lr 1e-3, that collapsed drawing within ~100 steps even with the exact detector
             picking the samples (benchmarks/shapes_updates.md, "Larger steps").
     """
