@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid, save_image
 
-from dualfw.data.datamodule import run_folder
+from dualfw.data.datamodule import eval_mode, run_folder
 from dualfw.models.base import ImageSampling
 
 
@@ -19,8 +19,8 @@ class PairImageGrid(L.Callback):
 
     With `rollouts_from: initial` the pairs are the frozen initial model's samples and show nothing of
     training's progress, so a third row holds one sample of the policy itself for each prompt
-    (same sampling settings, seeded by the step; not on a sharded model, whose sampling is a
-    collective this rank-0 callback cannot join).
+    (same sampling settings, seeded by the step; single-process runs only: with several ranks the
+    policy's sampling can be a collective, FSDP's, that this rank-0 callback cannot join).
     """
 
     def __init__(self, every_n_steps: int = 10, max_prompts: int = 4) -> None:
@@ -35,9 +35,11 @@ class PairImageGrid(L.Callback):
         n = len(pairs)
         prompts = [group.prompts[i] for i in pairs[:, 0].tolist()]
         rows = [group.image_tokens[pairs[:, 0], pairs[:, 1]], group.image_tokens[pairs[:, 0], pairs[:, 2]]]
-        own_row = getattr(pl_module, "sampler", pl_module.model) is not pl_module.model and not getattr(pl_module, "_sharded", False)
+        own_row = getattr(pl_module, "sampler", pl_module.model) is not pl_module.model and trainer.world_size == 1
         if own_row:
-            rows.append(pl_module.model.sample_images(prompts, 1, self._sampling(trainer, group), seed=step)[:, 0].to(rows[0].device))
+            with eval_mode(pl_module), trainer.precision_plugin.forward_context():  # as rollouts sample
+                own = pl_module.model.sample_images(prompts, 1, self._sampling(trainer, group), seed=step)
+            rows.append(own[:, 0].to(rows[0].device))
         tokens = torch.cat(rows)
         grid = make_grid(pl_module.model.decode_images(tokens).float().cpu(), nrow=n, padding=2, pad_value=1.0)
         path = Path(run_folder(trainer)) / "images" / f"pairs_step{step:06d}.png"

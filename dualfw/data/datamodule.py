@@ -9,6 +9,7 @@ step earlier.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,18 @@ def directions_at(schedule: str, step: int, alternate_every: int) -> tuple[str, 
     return (schedule,)
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode inside (sampling sees no dropout); each submodule's own mode after."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
 class SelfRewardStream:
     """An iterable over training batches; stateful, so a resumed run continues where it stopped."""
 
@@ -87,14 +100,12 @@ class SelfRewardStream:
                 continue
             step = self.epoch * self.rounds_per_epoch() + index
             seed = int(np.random.SeedSequence([dm.seed, self.epoch, index]).generate_state(1)[0])
-            modes = {module: module.training for module in policy.modules()}  # restored exactly below
-            policy.eval()
             batch = {}
             for direction in directions_at(dm.schedule, step, dm.alternate_every):
                 # the training step's precision (autocast for "bf16-mixed"): under FSDP1 mixed
                 # precision, sharded units compute in bf16 while the root's weights stay float32,
                 # so sampling without it fails ("expected scalar type BFloat16 but found Float")
-                with trainer.precision_plugin.forward_context():
+                with eval_mode(policy), trainer.precision_plugin.forward_context():
                     group = dm.sample(direction, policy, self._chunk, self.epoch, index, seed)
                 if group is not None:
                     dm.record(group, seed, epoch=self.epoch, step=trainer.global_step)
@@ -102,8 +113,6 @@ class SelfRewardStream:
                     # so a group without pairs still goes in (the Policy gives it a zero loss)
                     if len(group.pairs) or dm.keep_unpaired or world > 1:
                         batch[direction] = group
-            for module, training in modes.items():
-                module.train(training)
             if batch:
                 batch["stats"] = {"unreadable_images": float(len(dm.skipped_images))}
                 yield batch
