@@ -29,8 +29,8 @@ from dualfw.data.rollouts import read_rollouts
 from dualfw.errors import ConfigError
 from dualfw.models.janus import JanusAdapter
 from dualfw.shapes import evaluate
-from dualfw.shapes.detector import ShapesDetector
-from dualfw.shapes.sft import ShapesSFT, export, to_uint8
+from dualfw.shapes.oracle import OracleScorer
+from dualfw.shapes.sft import ShapesSFT, export
 
 
 def training_images(records: list[dict], pick: str, adapter: JanusAdapter, rng: np.random.Generator) -> torch.Tensor:
@@ -39,16 +39,14 @@ def training_images(records: list[dict], pick: str, adapter: JanusAdapter, rng: 
         chosen = [int(np.argmax(r["rewards"])) for r in records]
     elif pick == "random":
         chosen = [int(rng.integers(len(r["rewards"]))) for r in records]
-    else:
-        detector, chosen, found = ShapesDetector(), [], 0
+    else:  # the exact detector's GenEval verdict, 0 or 1 per sample
+        oracle, chosen, found = OracleScorer(judge="lenient"), [], 0
+        oracle.attach(adapter)
         for r in records:
-            tokens = torch.tensor(r["image_tokens"])
-            with torch.no_grad():
-                images = to_uint8(adapter.decode_images(tokens))
-            lenient, _ = evaluate.judge_images([{"prompt": r["prompt"], **r["meta"]}] * len(images), images, detector)
-            correct = [i for i, x in enumerate(lenient) if x.correct]
+            verdict = oracle.image_rewards(torch.tensor(r["image_tokens"]), [r["prompt"]] * len(r["image_tokens"]))
+            correct = torch.nonzero(verdict).flatten().tolist()
             found += bool(correct)
-            chosen.append(int(rng.choice(correct)) if correct else int(rng.integers(len(images))))
+            chosen.append(int(rng.choice(correct)) if correct else int(rng.integers(len(verdict))))
         print(f"rollouts with a correct sample: {found}/{len(records)}", flush=True)
     return torch.tensor([r["image_tokens"][c] for r, c in zip(records, chosen)])
 
