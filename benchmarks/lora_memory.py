@@ -20,12 +20,12 @@ import sys
 def run_variant(lora: bool, hidden: int, layers: int) -> dict:
     import torch
 
-    from dualfw.losses import DPO
-    from dualfw.models.base import ImageSampling
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.models.tiny import TinyJanusSpec
-    from dualfw.modules.policy import LoraSpec, Policy
-    from dualfw.selfreward import Group
+    from dualfw.core.losses import DPO
+    from dualfw.core.interface import ImageSampling
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.adapters.tiny import TinyJanusSpec
+    from dualfw.training.policy import LoraSpec, Policy
+    from dualfw.core.selfreward import Group
 
     torch.set_num_threads(2)
     spec = TinyJanusSpec(hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=8)

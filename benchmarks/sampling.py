@@ -72,7 +72,7 @@ def hf_generate(adapter, prompts: list[str], k: int, guidance: float, greedy: bo
 def bench_sampling(name: str, adapter, prompts: list[str], k: int, repeats: int) -> None:
     import torch
 
-    from dualfw.models.base import ImageSampling
+    from dualfw.core.interface import ImageSampling
 
     n_params = sum(p.numel() for p in adapter.parameters()) / 1e6
     print(f"\n[{name}] {n_params:.2f} M parameters, {adapter.num_image_tokens} image tokens at {adapter.image_size} px; "
@@ -110,8 +110,8 @@ def bench_sampling(name: str, adapter, prompts: list[str], k: int, repeats: int)
 
 
 def bench_scoring(name: str, adapter, prompts: list[str], k: int, repeats: int) -> None:
-    from dualfw.models.base import ImageSampling
-    from dualfw.modules.scorer import DualScorer
+    from dualfw.core.interface import ImageSampling
+    from dualfw.training.scorer import DualScorer
 
     tokens = adapter.sample_images(prompts, k, ImageSampling(), seed=0).flatten(0, 1)
     texts = [p for p in prompts for _ in range(k)]
@@ -145,8 +145,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.models.tiny import TinyJanusSpec
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.adapters.tiny import TinyJanusSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,10 +29,10 @@ import time
 import numpy as np
 import torch
 
-from dualfw.models.base import ImageSampling
-from dualfw.models.janus import JanusAdapter
-from dualfw.modules.reference import Reference
-from dualfw.modules.scorer import DualScorer
+from dualfw.core.interface import ImageSampling
+from dualfw.adapters.janus import JanusAdapter
+from dualfw.training.reference import Reference
+from dualfw.training.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.shapes.evaluate import judge_images
 from dualfw.shapes.oracle import OracleScorer

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualfw.data.rollouts import read_rollouts
-from dualfw.errors import ConfigError
-from dualfw.models.janus import JanusAdapter
+from dualfw.training.rollouts import read_rollouts
+from dualfw.core.errors import ConfigError
+from dualfw.adapters.janus import JanusAdapter
 from dualfw.shapes import evaluate
 from dualfw.shapes.oracle import OracleScorer
 from dualfw.shapes.sft import ShapesSFT, export

@@ -34,9 +34,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from dualfw.models.base import ImageSampling
-from dualfw.models.janus import JanusAdapter
-from dualfw.modules.scorer import DualScorer
+from dualfw.core.interface import ImageSampling
+from dualfw.adapters.janus import JanusAdapter
+from dualfw.training.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.shapes.evaluate import judge_images, to_uint8, within_group_auc
 from dualfw.shapes.text import TAGS, enumerate_geneval_prompts

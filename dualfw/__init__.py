@@ -1,18 +1,20 @@
 """dualfw: unified multimodal models that improve themselves with dual self-rewards."""
 
-from dualfw.data.datamodule import SelfRewardDataModule
-from dualfw.losses import DPO, GRPO, IPO, ChosenNLL, SimPO
-from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
-from dualfw.models.janus import JanusAdapter
-from dualfw.modules.policy import LoraSpec, Policy
-from dualfw.modules.reference import Reference
-from dualfw.modules.scorer import DualScorer, RandomScorer
+from dualfw.adapters.janus import JanusAdapter
+from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
+from dualfw.core.losses import DPO, GRPO, IPO, ChosenNLL, SimPO
+from dualfw.training.callbacks import ExportPretrained, PairImageGrid
+from dualfw.training.datamodule import SelfRewardDataModule
+from dualfw.training.policy import LoraSpec, Policy
+from dualfw.training.reference import Reference
+from dualfw.training.scorer import DualScorer, RandomScorer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChosenNLL",
     "DPO",
+    "ExportPretrained",
     "GRPO",
     "IPO",
     "LoraSpec",
@@ -21,6 +23,7 @@ __all__ = [
     "ImageSampling",
     "JanusAdapter",
     "LMMAdapter",
+    "PairImageGrid",
     "Policy",
     "Reference",
     "SelfRewardDataModule",

@@ -13,7 +13,7 @@ import sys
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from dualfw.errors import find_config_error
+from dualfw.core.errors import find_config_error
 
 # the command line of the latest `cli_main` call, for reports (dualfw.eval.callbacks.command_line)
 COMMAND: list[str] | None = None

@@ -22,13 +22,13 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """A tiny Janus saved to a local folder, as a user's checkpoint would be."""
-    from dualfw.models.tiny import save_tiny_janus
+    from dualfw.adapters.tiny import save_tiny_janus
 
     return save_tiny_janus(tmp_path_factory.mktemp("tiny_janus"))
 
 
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_folder):
-    from dualfw.models.janus import JanusAdapter
+    from dualfw.adapters.janus import JanusAdapter
 
     return JanusAdapter(path=str(tiny_folder)).eval()

@@ -1,14 +1,14 @@
-"""The contract every LMM adapter must meet. Adding an LMM: implement dualfw.models.base.LMMAdapter
+"""The contract every LMM adapter must meet. Adding an LMM: implement dualfw.core.interface.LMMAdapter
 in one file and add a factory for a tiny instance of it to ADAPTERS below."""
 
 import pytest
 import torch
 
-from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
+from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
 
 
 def _tiny_janus():
-    from dualfw.models.janus import JanusAdapter
+    from dualfw.adapters.janus import JanusAdapter
 
     return JanusAdapter()
 

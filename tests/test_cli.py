@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualfw.cli import cli_main
-from dualfw.data.rollouts import read_rollouts
+from dualfw.training.rollouts import read_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf" / "t2i.yaml")
@@ -51,8 +51,8 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
         assert first["rewards"][rejected] == min(first["rewards"])
 
     # the rollout's reward is the one a fresh scorer on the initial model computes for those tokens
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.scorer import DualScorer
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.scorer import DualScorer
 
     scorer = DualScorer()
     scorer.attach(JanusAdapter(path=str(tiny_folder)))
@@ -74,7 +74,7 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
 @pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("32-true", False)])
 def test_rollouts_are_sampled_under_the_training_precision(tmp_path, tiny_folder, monkeypatch, precision, autocast):
     # FSDP1 with bf16-mixed failed on a GPU when sampling ran outside autocast (measured on an H200)
-    from dualfw.data.datamodule import SelfRewardDataModule
+    from dualfw.training.datamodule import SelfRewardDataModule
 
     seen, sample = [], SelfRewardDataModule.sample
 
@@ -144,7 +144,7 @@ def test_pair_grid_shows_the_pairs_and_with_initial_rollouts_the_policy_own_samp
     from torchvision.io import read_image
     from torchvision.utils import make_grid
 
-    from dualfw.models.base import ImageSampling
+    from dualfw.core.interface import ImageSampling
 
     cli = cli_main(_fit_args(tmp_path, tiny_folder, "--trainer.max_steps=1", f"--model.init_args.rollouts_from={rollouts_from}"))
     run = tmp_path / "t2i" / "run"

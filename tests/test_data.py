@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from dualfw.data.prompts import read_prompts
-from dualfw.data.rollouts import RolloutWriter, read_rollouts
-from dualfw.errors import ConfigError, MissingFileError
-from dualfw.selfreward import select_pairs
+from dualfw.training.prompts import read_prompts
+from dualfw.training.rollouts import RolloutWriter, read_rollouts
+from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.core.selfreward import select_pairs
 
 
 def test_plain_text_prompts_skip_blank_lines(tmp_path):
@@ -83,7 +83,7 @@ def test_all_pairs_and_top_bottom_pairs():
 
 
 def test_k_below_two_is_rejected(tmp_path):
-    from dualfw.data.datamodule import SelfRewardDataModule
+    from dualfw.training.datamodule import SelfRewardDataModule
 
     f = tmp_path / "p.txt"
     f.write_text("a red circle\n")
@@ -92,7 +92,7 @@ def test_k_below_two_is_rejected(tmp_path):
 
 
 def test_scorer_reward_is_mean_token_logprob_of_the_prompt(tiny_adapter):
-    from dualfw.modules.scorer import DualScorer
+    from dualfw.training.scorer import DualScorer
 
     tokens = torch.randint(0, 64, (3, tiny_adapter.num_image_tokens), generator=torch.Generator().manual_seed(2))
     prompts = ["a red circle", "two blue squares left of a green triangle", "a dog"]
@@ -108,8 +108,8 @@ def test_scorer_reward_is_mean_token_logprob_of_the_prompt(tiny_adapter):
 
 
 def test_frozen_scorer_does_not_follow_the_policy(tiny_folder):
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.scorer import DualScorer
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.scorer import DualScorer
 
     policy = JanusAdapter(path=str(tiny_folder))
     live, frozen = DualScorer(), DualScorer(frozen=True)
@@ -125,7 +125,7 @@ def test_frozen_scorer_does_not_follow_the_policy(tiny_folder):
 
 
 def test_bad_model_folders_are_named(tmp_path):
-    from dualfw.models.janus import JanusAdapter
+    from dualfw.adapters.janus import JanusAdapter
 
     with pytest.raises(MissingFileError, match="does not exist"):
         JanusAdapter(path=str(tmp_path / "missing"))
@@ -139,10 +139,10 @@ def test_bad_model_folders_are_named(tmp_path):
 @pytest.mark.parametrize("lora_r", [None, 4])
 def test_reference_frozen_scorer_and_initial_sampler_share_one_initial_model(tiny_folder, lora_r):
     # three users of the initial weights, one copy in memory (or none, with LoRA: adapters off)
-    from dualfw.losses import DPO
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import LoraSpec, Policy
-    from dualfw.modules.scorer import DualScorer
+    from dualfw.core.losses import DPO
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import LoraSpec, Policy
+    from dualfw.training.scorer import DualScorer
 
     base = JanusAdapter(path=str(tiny_folder))
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), scorer=DualScorer(frozen=True),
@@ -166,9 +166,9 @@ def test_reference_frozen_scorer_and_initial_sampler_share_one_initial_model(tin
 @pytest.mark.parametrize("loss, lora_r", [("SimPO", None), ("DPO", None), ("SimPO", 4)])
 def test_rollouts_from_initial_sample_the_initial_weights(tiny_folder, tmp_path, loss, lora_r):
     from dualfw import losses
-    from dualfw.data.datamodule import SelfRewardDataModule
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import LoraSpec, Policy
+    from dualfw.training.datamodule import SelfRewardDataModule
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import LoraSpec, Policy
 
     base = JanusAdapter(path=str(tiny_folder))
     lora = LoraSpec(r=lora_r) if lora_r else None
@@ -188,8 +188,8 @@ def test_rollouts_from_initial_sample_the_initial_weights(tiny_folder, tmp_path,
 
 
 def test_rollouts_from_a_bad_value_is_named(tiny_folder):
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import Policy
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy
 
     with pytest.raises(ConfigError, match="model.init_args.rollouts_from must be 'policy' or 'initial', got 'reference'"):
         Policy(JanusAdapter(path=str(tiny_folder)), rollouts_from="reference")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dualfw.data.rollouts import read_rollouts
+from dualfw.training.rollouts import read_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_fsdp2_two_ranks_fit_checkpoint_and_resume(tmp_path):
     # disjoint prompt chunks: the two ranks' first rounds differ
     assert first[0][0]["seed"] != first[1][0]["seed"]
     # ExportPretrained gathers the shards into one whole model (written by rank 0)
-    from dualfw.models.janus import JanusAdapter
+    from dualfw.adapters.janus import JanusAdapter
 
     exported = JanusAdapter(path=str(run / "export")).model.state_dict()
     base = JanusAdapter(path="dualfw:assets/shapes_base").model.state_dict()
@@ -134,9 +134,9 @@ def test_fsdp1_bf16_sampling_then_a_training_step(tiny_folder, init_root):
 
     from types import SimpleNamespace
 
-    from dualfw.losses import SimPO
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import Policy, init_fsdp1_root
+    from dualfw.core.losses import SimPO
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy, init_fsdp1_root
 
     adapter = JanusAdapter(path=str(tiny_folder)).eval()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from dualfw.errors import ConfigError, MissingFileError
-from dualfw.losses import GRPO, group_advantages, grpo_loss, ipo_loss
-from dualfw.models.base import TextSampling
-from dualfw.modules.scorer import DualScorer
+from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.core.losses import GRPO, group_advantages, grpo_loss, ipo_loss
+from dualfw.core.interface import TextSampling
+from dualfw.training.scorer import DualScorer
 
 PIXELS_SEED = 5
 
@@ -68,7 +68,7 @@ def test_pmi_rewards_equal_their_two_terms(tiny_adapter):
 
 
 def test_batch_contrast_rewards_subtract_the_log_mean_likelihood_of_the_other_inputs(tiny_adapter):
-    from dualfw.errors import ConfigError
+    from dualfw.core.errors import ConfigError
 
     image_tokens, plain, contrast = _plain_and_variant(tiny_adapter, 3, batch_contrast=True)
     # t2i: 2 samples for each of 3 prompts; each image against the two prompts it was not sampled for
@@ -116,10 +116,10 @@ def test_ipo_and_grpo_against_hand_computed_values():
 
 
 def test_grpo_gradient_raises_the_best_sample(tiny_folder):
-    from dualfw.models.base import ImageSampling
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import Policy
-    from dualfw.selfreward import Group, select_pairs, sequence_logps
+    from dualfw.core.interface import ImageSampling
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy
+    from dualfw.core.selfreward import Group, select_pairs, sequence_logps
 
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=GRPO(kl_beta=0.0))
     prompts = ["a red circle"]
@@ -139,9 +139,9 @@ def test_grpo_gradient_raises_the_best_sample(tiny_folder):
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_folder):
-    from dualfw.losses import DPO
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import LoraSpec, Policy
+    from dualfw.core.losses import DPO
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import LoraSpec, Policy
 
     base = JanusAdapter(path=str(tiny_folder))
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), lora=LoraSpec(r=4, alpha=8))
@@ -161,16 +161,16 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_folder):
 
 
 def test_lora_targets_that_match_nothing_are_named(tiny_folder):
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import LoraSpec, Policy
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import LoraSpec, Policy
 
     with pytest.raises(ConfigError, match=r"lora.target_modules \['nope_proj'\] match no layer"):
         Policy(JanusAdapter(path=str(tiny_folder)), lora=LoraSpec(target_modules=["nope_proj"]))
 
 
 def test_export_loads_back_with_transformers_and_gives_the_same_logprobs(tiny_folder, tmp_path):
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import LoraSpec, Policy
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import LoraSpec, Policy
 
     policy = Policy(JanusAdapter(path=str(tiny_folder)), lora=LoraSpec(r=4))
     with torch.no_grad():
@@ -187,9 +187,9 @@ def test_export_loads_back_with_transformers_and_gives_the_same_logprobs(tiny_fo
 
 
 def test_stall_at_ln2_warns_after_patience(tiny_folder):
-    from dualfw.losses import DPO
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import Policy
+    from dualfw.core.losses import DPO
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy
 
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), stall_patience=3)
     with warnings.catch_warnings(record=True) as caught:
@@ -205,8 +205,8 @@ def test_stall_at_ln2_warns_after_patience(tiny_folder):
 
 
 def test_image_inputs_errors_and_skips(tmp_path):
-    from dualfw.data.datamodule import SelfRewardDataModule
-    from dualfw.data.images import list_images, load_image
+    from dualfw.training.datamodule import SelfRewardDataModule
+    from dualfw.training.images import list_images, load_image
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -224,7 +224,7 @@ def test_image_inputs_errors_and_skips(tmp_path):
 
 
 def test_alternate_schedule():
-    from dualfw.data.datamodule import directions_at
+    from dualfw.training.datamodule import directions_at
 
     assert [directions_at("alternate", s, 2) for s in range(5)] == [("t2i",), ("t2i",), ("i2t",), ("i2t",), ("t2i",)]
     assert directions_at("joint", 7, 1) == ("t2i", "i2t")
@@ -236,8 +236,8 @@ def test_joint_fit_end_to_end_counts_a_corrupt_image(tmp_path, tiny_folder):
     from pathlib import Path
 
     from dualfw.cli import cli_main
-    from dualfw.data.prompts import resolve_path
-    from dualfw.data.rollouts import read_rollouts
+    from dualfw.core.files import resolve_path
+    from dualfw.training.rollouts import read_rollouts
 
     images = tmp_path / "images"
     shutil.copytree(resolve_path("dualfw:assets/shapes_images"), images)
@@ -269,7 +269,7 @@ def test_joint_fit_end_to_end_counts_a_corrupt_image(tmp_path, tiny_folder):
 def test_image_list_file_resolves_paths_and_names_bad_lines(tmp_path):
     import json
 
-    from dualfw.data.images import list_images
+    from dualfw.training.images import list_images
 
     listing = tmp_path / "images.jsonl"
     listing.write_text(json.dumps({"image": "a.png"}) + "\n\n" + json.dumps({"path": "sub/b.png"}) + "\n")

@@ -15,8 +15,9 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from dualfw.cli import cli_main, main
-from dualfw.errors import ConfigError, MissingFileError
-from dualfw.eval.callbacks import GenEvalCallback, PopeCallback, ShapesPopeSet
+from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.eval.callbacks import GenEvalCallback, PopeCallback
+from dualfw.shapes.pope_set import ShapesPopeSet
 from dualfw.eval.geneval import evaluate_folder, read_metadata, summarize
 from dualfw.eval.pope import evaluate_answers, read_questions
 from dualfw.shapes import ShapesDetector, scene_for_record
@@ -40,7 +41,7 @@ def _small_shapes_eval(tmp_path: Path, geneval: dict, pope: dict | None, pope_sh
         del callbacks[1]
     else:
         callbacks[1]["init_args"].update(pope)
-        callbacks[1]["init_args"]["shapes"].update(pope_shapes or {})
+        callbacks[1]["init_args"]["source"]["init_args"].update(pope_shapes or {})
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
@@ -208,8 +209,8 @@ def pope_set(tmp_path_factory):
 
 
 def test_a_perfect_model_scores_one_and_a_blank_one_zero(tmp_path, pope_set):
-    geneval = GenEvalCallback(metadata="dualfw:assets/shapes_geneval.jsonl", images_per_prompt=2, max_prompts=12)
-    pope = PopeCallback(shapes=ShapesPopeSet(folder=str(pope_set), num_images=6, seed=3))
+    geneval = GenEvalCallback(metadata="dualfw:assets/shapes_geneval.jsonl", images_per_prompt=2, max_prompts=12, detector=ShapesDetector())
+    pope = PopeCallback(source=ShapesPopeSet(folder=str(pope_set), num_images=6, seed=3))
     oracle = ShapesOracle()
     results = _trainer(tmp_path / "perfect", [geneval, pope]).test(Holder(oracle), dataloaders=[0], verbose=False)[0]
     run = tmp_path / "perfect" / "r" / "v"
@@ -228,8 +229,8 @@ def test_a_perfect_model_scores_one_and_a_blank_one_zero(tmp_path, pope_set):
         assert len((run / m["answer_file"]).read_text().splitlines()) == len(questions)
         assert results[f"pope/{split}/accuracy"] == 1.0
 
-    blank = GenEvalCallback(metadata="dualfw:assets/shapes_geneval.jsonl", images_per_prompt=1, max_prompts=6)
-    yes = PopeCallback(shapes=ShapesPopeSet(folder=str(pope_set), num_images=6, seed=3), max_questions=10)
+    blank = GenEvalCallback(metadata="dualfw:assets/shapes_geneval.jsonl", images_per_prompt=1, max_prompts=6, detector=ShapesDetector())
+    yes = PopeCallback(source=ShapesPopeSet(folder=str(pope_set), num_images=6, seed=3), max_questions=10)
     results = _trainer(tmp_path / "blank", [blank, yes]).test(
         Holder(ShapesOracle(draw=False, answer="Yes")), dataloaders=[0], verbose=False
     )[0]
@@ -243,10 +244,11 @@ def test_a_perfect_model_scores_one_and_a_blank_one_zero(tmp_path, pope_set):
 
 def test_callbacks_run_every_n_steps_during_fit_in_eval_mode_without_grad(tmp_path, pope_set):
     geneval = GenEvalCallback(
-        metadata="dualfw:assets/shapes_geneval.jsonl", images_per_prompt=1, fit_max_prompts=2, every_n_steps=1
+        metadata="dualfw:assets/shapes_geneval.jsonl", images_per_prompt=1, fit_max_prompts=2, every_n_steps=1,
+        detector=ShapesDetector(),
     )
     pope = PopeCallback(
-        shapes=ShapesPopeSet(folder=str(pope_set), num_images=6, seed=3), fit_max_questions=3, every_n_steps=2
+        source=ShapesPopeSet(folder=str(pope_set), num_images=6, seed=3), fit_max_questions=3, every_n_steps=2
     )
     oracle = ShapesOracle()
     holder = Holder(oracle)
@@ -297,6 +299,8 @@ def test_bad_callback_inputs_name_the_file_key_or_line(tmp_path, pope_set):
         GenEvalCallback(metadata=str(tmp_path / "none.jsonl"))
     with pytest.raises(ConfigError, match=r"GenEvalCallback\.metadata is not set"):
         GenEvalCallback()
+    with pytest.raises(ConfigError, match=r"GenEvalCallback\.detector is not set"):
+        GenEvalCallback(metadata=str(SHAPES_META))
 
     questions = {"random": str(pope_set / "shapes_pope_random.jsonl")}
     with pytest.raises(ConfigError, match=r"PopeCallback\.image_folder is not set"):

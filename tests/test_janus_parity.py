@@ -3,7 +3,7 @@
 import torch
 from transformers import GenerationConfig
 
-from dualfw.models.base import ImageSampling
+from dualfw.core.interface import ImageSampling
 
 MIXED = ["a red circle", "two blue squares left of a big green triangle", "a photo of a dog"]
 

@@ -6,7 +6,7 @@ import torch
 
 import pytest
 
-from dualfw.losses import DPO, PairLogps, SimPO, chosen_nll, dpo_loss, simpo_loss
+from dualfw.core.losses import DPO, PairLogps, SimPO, chosen_nll, dpo_loss, simpo_loss
 
 
 def _sigmoid(x):
@@ -57,15 +57,15 @@ def test_loss_classes_wrap_the_functions_and_margins_agree_in_sign():
 
 
 def _policy(tiny_folder, loss):
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import Policy
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy
 
     return Policy(JanusAdapter(path=str(tiny_folder)), loss=loss)
 
 
 def _fixed_pairs(policy):
-    from dualfw.models.base import ImageSampling
-    from dualfw.selfreward import Group
+    from dualfw.core.interface import ImageSampling
+    from dualfw.core.selfreward import Group
 
     prompts = ["a red circle", "two blue squares"]
     tokens = policy.model.sample_images(prompts, k=2, sampling=ImageSampling(), seed=3)
@@ -74,7 +74,7 @@ def _fixed_pairs(policy):
 
 
 def _margin(policy, group):
-    from dualfw.selfreward import sequence_logps
+    from dualfw.core.selfreward import sequence_logps
 
     with torch.no_grad():
         n = len(group.pairs)
@@ -105,10 +105,10 @@ def test_a_few_optimizer_steps_raise_the_chosen_vs_rejected_margin(tiny_folder):
 
 
 def test_chosen_nll_term_adds_its_weight_times_the_chosen_per_token_nll(tiny_folder):
-    from dualfw.errors import ConfigError
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import Policy
-    from dualfw.selfreward import sequence_logps
+    from dualfw.core.errors import ConfigError
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy
+    from dualfw.core.selfreward import sequence_logps
 
     plain = Policy(JanusAdapter(path=str(tiny_folder)), loss=SimPO())
     anchored = Policy(JanusAdapter(path=str(tiny_folder)), loss=SimPO(), chosen_nll_weight=0.5)
@@ -127,7 +127,7 @@ def test_chosen_nll_term_adds_its_weight_times_the_chosen_per_token_nll(tiny_fol
 
 
 def test_chosen_nll_loss_learns_the_chosen_sample_only():
-    from dualfw.losses import ChosenNLL
+    from dualfw.core.losses import ChosenNLL
 
     chosen = torch.tensor([-6.0, -2.0], requires_grad=True)
     rejected = torch.tensor([-1.0, -9.0], requires_grad=True)
@@ -142,8 +142,8 @@ def test_chosen_nll_loss_learns_the_chosen_sample_only():
 def test_guided_logps_train_the_cfg_distribution_for_policy_and_reference(tiny_folder):
     """guided_logps: the pair loss reads log-probs under the group's sampling CFG scale, for the policy
     and the Reference alike; without it, the conditional model's."""
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.policy import Policy
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy
 
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(beta=0.1), guided_logps=True)
     plain = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(beta=0.1))

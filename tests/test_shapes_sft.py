@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualfw.errors import ConfigError
-from dualfw.models.base import ImageSampling, TextSampling
-from dualfw.models.janus import JanusAdapter
-from dualfw.models.tiny import TinyJanusSpec
+from dualfw.core.errors import ConfigError
+from dualfw.core.interface import ImageSampling, TextSampling
+from dualfw.adapters.janus import JanusAdapter
+from dualfw.adapters.tiny import TinyJanusSpec
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.shapes.sft import ShapesDataModule, ShapesSFT, background_patches, to_uint8
 from dualfw.shapes.world import BACKGROUND, WorldConfig, render, sample_scene
@@ -222,7 +222,7 @@ def test_bad_stage_is_a_one_line_config_error():
 
 
 def test_prompt_asset_is_the_generator_output():
-    shipped = read_jsonl(__import__("dualfw.data.prompts", fromlist=["resolve_path"]).resolve_path(
+    shipped = read_jsonl(__import__("dualfw.core.files", fromlist=["resolve_path"]).resolve_path(
         "dualfw:assets/shapes_prompts.jsonl"))
     assert shipped == generate_geneval_prompts(100, seed=43)
 

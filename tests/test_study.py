@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dualfw.errors import ConfigError
+from dualfw.core.errors import ConfigError
 from dualfw.eval.geneval import ImageResult, overall_confidence_interval
-from dualfw.models.janus import JanusAdapter
-from dualfw.modules.scorer import RandomScorer
+from dualfw.adapters.janus import JanusAdapter
+from dualfw.training.scorer import RandomScorer
 from dualfw.shapes.evaluate import image_bootstrap_ci, within_group_auc
 from dualfw.shapes.oracle import OracleScorer
 from dualfw.shapes.sft import to_pixels
@@ -144,7 +144,7 @@ def _fit(tmp_path, *extra):
 
 
 def test_default_recipe_trains_the_shipped_base_and_exports_it(tmp_path, base):
-    from dualfw.data.rollouts import read_rollouts
+    from dualfw.training.rollouts import read_rollouts
 
     cli = _fit(tmp_path)
     assert cli.trainer.global_step == 2
@@ -159,7 +159,7 @@ def test_default_recipe_trains_the_shipped_base_and_exports_it(tmp_path, base):
 
 
 def test_oracle_and_random_scorers_swap_in_by_config(tmp_path):
-    from dualfw.data.rollouts import read_rollouts
+    from dualfw.training.rollouts import read_rollouts
 
     for name, scorer in (("oracle", "dualfw.shapes.oracle.OracleScorer"), ("random", "dualfw.RandomScorer")):
         _fit(tmp_path / name, f"--model.init_args.scorer={scorer}", "--trainer.max_steps=1")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dualfw.errors import MissingFileError
+from dualfw.core.errors import MissingFileError
 from dualfw.eval.detection import Detection
 from dualfw.eval.geneval import COLORS
 

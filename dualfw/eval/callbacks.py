@@ -9,7 +9,7 @@
   of the test epoch: scalars through `LightningModule.log` (Lightning prints them as the test
   table and sends them to the loggers), and `report.json` / `report.md` in the run folder.
 
-Files written into the run folder (`dualfw.data.datamodule.run_folder`), `<label>` being `test` or
+Files written into the run folder (`dualfw.training.datamodule.run_folder`), `<label>` being `test` or
 `step000100`:
 
     geneval/<label>/00000/metadata.jsonl, geneval/<label>/00000/samples/0000.png ...
@@ -21,7 +21,7 @@ Files written into the run folder (`dualfw.data.datamodule.run_folder`), `<label
                                       the questions asked and POPE's answer file, line for line
     report.json, report.md            (test only) scores, 95% intervals, the command line
 
-The model is the LightningModule's `.model` (a `dualfw.models.base.LMMAdapter`): GenEval uses
+The model is the LightningModule's `.model` (a `dualfw.core.interface.LMMAdapter`): GenEval uses
 `sample_images` + `decode_images`, POPE uses `sample_texts` (greedy) and `image_size`.
 """
 
@@ -36,17 +36,17 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from dualfw.data.datamodule import run_folder
-from dualfw.data.images import load_image
-from dualfw.data.prompts import resolve_path
-from dualfw.errors import ConfigError, MissingFileError
+from dualfw.training.datamodule import run_folder
+from dualfw.training.images import load_image
+from dualfw.core.files import resolve_path
+from dualfw.core.errors import ConfigError, MissingFileError
 from dualfw.eval.detection import ColorClassifier, Detection, Detector
 from dualfw.eval.geneval import (
     TAGS,
@@ -70,7 +70,7 @@ from dualfw.eval.pope import (
     write_answers,
     write_questions,
 )
-from dualfw.models.base import ImageSampling, TextSampling
+from dualfw.core.interface import ImageSampling, TextSampling
 
 # Any callable with the protocols' call signature is accepted too (jsonargparse checks protocols by
 # exact signature, and e.g. ShapesDetector's `classes` is optional).
@@ -290,8 +290,8 @@ class GenEvalCallback(_EvalCallback):
         seed: seeds sampling; batch b of prompts uses a seed derived from (seed, b), so samples
             depend on the seed, `prompts_per_batch` and the prompt order only.
         prompts_per_batch: prompts sampled together in one `sample_images` call.
-        detector: a `dualfw.eval.detection.Detector` (class_path + init_args in a config); default
-            the exact Shapes detector (`dualfw.shapes.ShapesDetector`).
+        detector: a `dualfw.eval.detection.Detector` (class_path + init_args in a config), e.g.
+            `dualfw.eval.backends.HFZeroShotDetector` or the Shapes world's exact `dualfw.shapes.ShapesDetector`.
         color_classifier: a `ColorClassifier` for color clauses when the detector does not give
             colors (e.g. `dualfw.eval.backends.OpenClipColorClassifier`); the Shapes detector does.
         classes: classes the detector looks for; default every class the metadata names (for the
@@ -342,9 +342,10 @@ class GenEvalCallback(_EvalCallback):
         if not self.prompts:
             raise ConfigError(f"{where}.metadata: '{path}' holds no prompts")
         if detector is None:
-            from dualfw.shapes import ShapesDetector
-
-            detector = ShapesDetector()
+            raise ConfigError(
+                f"{where}.detector is not set: give an open-vocabulary detector (conf/eval/geneval.yaml) or "
+                "dualfw.shapes.ShapesDetector for the Shapes world"
+            )
         self.metadata, self.images_per_prompt, self.sampling, self.seed = str(metadata), images_per_prompt, sampling, seed
         self.prompts_per_batch, self.detector, self.color_classifier = prompts_per_batch, detector, color_classifier
         named = {c.cls for p in self.prompts for c in (*p.include, *p.exclude)}
@@ -491,20 +492,12 @@ def _memo(classifier: Callable | None) -> Callable | None:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ShapesPopeSet:
-    """A Shapes POPE set built on first use (`dualfw.shapes.pope_set.build_shapes_pope_set`).
+class PopeSource(Protocol):
+    """Where POPE questions come from when they are made rather than read: `build(run_folder)`
+    writes (or finds) the question files and images and returns (question file per split, image
+    folder). E.g. `dualfw.shapes.pope_set.ShapesPopeSet`, rendered scenes of the Shapes world."""
 
-    folder: where to build or find it; None: `<run folder>/pope_shapes`.
-    num_images: rendered scenes (about 4.7 questions each per split).
-    seed: scenes and questions.
-    resolution: image side of the rendered scenes (images are resized to the model's anyway).
-    """
-
-    folder: str | None = None
-    num_images: int = 50
-    seed: int = 0
-    resolution: int = 32
+    def build(self, run_folder: Path) -> tuple[dict[str, Path], Path]: ...
 
 
 class PopeCallback(_EvalCallback):
@@ -515,8 +508,8 @@ class PopeCallback(_EvalCallback):
             (POPE JSON lines: question_id, image, text, label).
         image_folder: folder holding the images the question files name (read with PIL, resized
             to the model's `image_size`).
-        shapes: instead of `questions` + `image_folder`: a Shapes POPE set (random, popular,
-            adversarial), built on first use.
+        source: instead of `questions` + `image_folder`: a `PopeSource` that builds the question
+            files and images on first use (e.g. `dualfw.shapes.pope_set.ShapesPopeSet`).
         instruction: the user turn; `{question}` is replaced by the question text.
         max_new_tokens: answer length limit.
         batch_size: images answered together (questions with the same text are batched).
@@ -531,7 +524,7 @@ class PopeCallback(_EvalCallback):
         self,
         questions: dict[str, str | None] | None = None,
         image_folder: str | None = None,
-        shapes: ShapesPopeSet | None = None,
+        source: PopeSource | None = None,
         instruction: str = "{question}",
         max_new_tokens: int = 16,
         batch_size: int = 16,
@@ -543,8 +536,8 @@ class PopeCallback(_EvalCallback):
     ) -> None:
         super().__init__(every_n_steps)
         where = "PopeCallback"
-        if (questions is None) == (shapes is None):
-            raise ConfigError(f"{where}: set either `questions` (with `image_folder`) or `shapes`, not both or neither")
+        if (questions is None) == (source is None):
+            raise ConfigError(f"{where}: set either `questions` (with `image_folder`) or `source`, not both or neither")
         if parser not in PARSERS:
             raise ConfigError(f"{where}.parser must be one of {', '.join(PARSERS)}, got {parser!r}")
         if "{question}" not in instruction:
@@ -555,7 +548,7 @@ class PopeCallback(_EvalCallback):
         for key, value in (("max_questions", max_questions), ("fit_max_questions", fit_max_questions)):
             if value is not None and value < 1:
                 raise ConfigError(f"{where}.{key} must be at least 1 or null, got {value}")
-        self.shapes, self.instruction, self.max_new_tokens, self.batch_size = shapes, instruction, max_new_tokens, batch_size
+        self.source, self.instruction, self.max_new_tokens, self.batch_size = source, instruction, max_new_tokens, batch_size
         self.parser, self.max_questions, self.fit_max_questions, self.name = parser, max_questions, fit_max_questions, name
         self.question_files: dict[str, Path] = {}
         self.questions: dict[str, list[PopeQuestion]] = {}
@@ -595,16 +588,11 @@ class PopeCallback(_EvalCallback):
         self.image_folder = image_folder
 
     def prepare(self, trainer: L.Trainer) -> None:
-        """Build (or find) the Shapes POPE set when configured and not loaded yet."""
+        """Build (or find) the questions of `source` when configured and not loaded yet."""
         if self.questions:
             return
-        from dualfw.shapes.pope_set import build_shapes_pope_set
-        from dualfw.shapes.world import WorldConfig
-
-        cfg = self.shapes
-        folder = Path(resolve_path(cfg.folder)) if cfg.folder else run_folder(trainer) / "pope_shapes"
-        files = build_shapes_pope_set(folder, num_images=cfg.num_images, seed=cfg.seed, world=WorldConfig(resolution=cfg.resolution))
-        self._load(files, folder / "images")
+        files, image_folder = self.source.build(run_folder(trainer))
+        self._load(files, image_folder)
 
     def selected(self, fit: bool) -> dict[str, list[PopeQuestion]]:
         out = {}

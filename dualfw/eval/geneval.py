@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dualfw.data.jsonl import iter_jsonl, write_jsonl
+from dualfw.core.files import iter_jsonl, write_jsonl
 from dualfw.eval.detection import ColorClassifier, Detection, Detector
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dualfw.data.jsonl import iter_jsonl, write_jsonl
+from dualfw.core.files import iter_jsonl, write_jsonl
 
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 LABELS: tuple[str, ...] = ("yes", "no")

@@ -22,7 +22,7 @@ import torch
 
 from dualfw.eval.geneval import overall_confidence_interval, score_image, summarize
 from dualfw.eval.pope import parse_answer_official, pope_metrics
-from dualfw.models.base import ImageSampling, TextSampling
+from dualfw.core.interface import ImageSampling, TextSampling
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.shapes.sft import background_patches, to_pixels, to_uint8
 from dualfw.shapes.text import POPE_SPLITS, TAGS, enumerate_geneval_prompts, pope_questions
@@ -227,8 +227,8 @@ def image_bootstrap_ci(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dualfw.models.janus import JanusAdapter
-    from dualfw.modules.scorer import DualScorer
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.scorer import DualScorer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dualfw:assets/shapes_base")

@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dualfw.errors import ConfigError
-from dualfw.modules.scorer import DualScorer
+from dualfw.core.errors import ConfigError
+from dualfw.training.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.shapes.evaluate import judge_images
 from dualfw.shapes.sft import to_uint8

@@ -16,14 +16,14 @@ silently overwritten).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from dualfw.errors import ConfigError
-from dualfw.data.jsonl import write_jsonl
+from dualfw.core.errors import ConfigError
+from dualfw.core.files import resolve_path, write_jsonl
 from dualfw.shapes.text import POPE_SPLITS, pope_questions
 from dualfw.shapes.world import DEFAULT_WORLD, WorldConfig, render_pil, sample_scene
 
@@ -89,3 +89,24 @@ def build_shapes_pope_set(
         write_jsonl(pope_questions(scenes, split, seed=seed, image_names=names, n_pos=n_pos, world=world), path)
     manifest.write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")  # last: marks the set complete
     return files
+
+
+@dataclass
+class ShapesPopeSet:
+    """A Shapes POPE set built on first use: the `source` of `dualfw.eval.callbacks.PopeCallback`.
+
+    folder: where to build or find it; None: `<run folder>/pope_shapes`.
+    num_images: rendered scenes (about 4.7 questions each per split).
+    seed: scenes and questions.
+    resolution: image side of the rendered scenes (images are resized to the model's anyway).
+    """
+
+    folder: str | None = None
+    num_images: int = 50
+    seed: int = 0
+    resolution: int = 32
+
+    def build(self, run_folder: Path) -> tuple[dict[str, Path], Path]:
+        folder = resolve_path(self.folder) if self.folder else Path(run_folder) / "pope_shapes"
+        files = build_shapes_pope_set(folder, num_images=self.num_images, seed=self.seed, world=WorldConfig(resolution=self.resolution))
+        return files, folder / "images"

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from dualfw.errors import ConfigError
-from dualfw.models.janus import JanusAdapter
+from dualfw.core.errors import ConfigError
+from dualfw.adapters.janus import JanusAdapter
 from dualfw.shapes.detector import ShapesDetector, detection_rates
 from dualfw.shapes.text import (
     enumerate_geneval_prompts,

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dualfw.data.jsonl import iter_jsonl
+from dualfw.core.files import iter_jsonl
 from dualfw.eval.geneval import dedupe_records, make_plural, with_article
 from dualfw.shapes.world import DEFAULT_WORLD, RELATIONS, Scene, ShapeObject, WorldConfig, relations
 

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dualfw.errors import ConfigError
-from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
+from dualfw.core.errors import ConfigError
+from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
 
 Pairing = Literal["best_worst", "all", "top_bottom"]
 PAIRINGS = ("best_worst", "all", "top_bottom")

@@ -1,5 +1,5 @@
 """Preference losses. Each is a small pure function with its formula, wrapped by a tiny config
-class that the YAML names (`loss: {class_path: dualfw.losses.SimPO, init_args: {beta: 2.5}}`).
+class that the YAML names (`loss: {class_path: dualfw.core.losses.SimPO, init_args: {beta: 2.5}}`).
 
 Notation: log pi(y|x) is the summed per-token log-prob of a whole sample y (an image's VQ tokens
 or a text's tokens) under the policy; |y| its length in tokens; ref is the frozen Reference.

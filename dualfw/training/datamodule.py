@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dualfw.data.images import list_images, load_image
-from dualfw.data.prompts import read_prompts
-from dualfw.data.rollouts import RolloutWriter
-from dualfw.errors import ConfigError
-from dualfw.models.base import ImageSampling, TextSampling
-from dualfw.selfreward import PAIRINGS, Group, Pairing, rollout_i2t, rollout_t2i
+from dualfw.training.images import list_images, load_image
+from dualfw.training.prompts import read_prompts
+from dualfw.training.rollouts import RolloutWriter
+from dualfw.core.errors import ConfigError
+from dualfw.core.interface import ImageSampling, TextSampling
+from dualfw.core.selfreward import PAIRINGS, Group, Pairing, rollout_i2t, rollout_t2i
 
 Schedule = Literal["t2i", "i2t", "joint", "alternate"]
 SCHEDULES = ("t2i", "i2t", "joint", "alternate")
@@ -236,7 +236,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         return run_folder(self.trainer) / "rollouts.jsonl"
 
     def record(self, group: Group, seed: int, epoch: int, step: int) -> None:
-        """Append one line per input of `group` to the run's rollouts file (see dualfw.data.rollouts)."""
+        """Append one line per input of `group` to the run's rollouts file (see dualfw.training.rollouts)."""
         path = self.rollouts_path
         if self.trainer.world_size > 1:
             path = path.with_name(f"rollouts.rank{self.trainer.global_rank}.jsonl")

@@ -4,20 +4,10 @@ fields are kept as metadata) or plain text, one prompt a line. Errors name the f
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
-from dualfw.errors import ConfigError, MissingFileError
-
-PACKAGE_PREFIX = "dualfw:"
-
-
-def resolve_path(path: str | Path) -> Path:
-    """`dualfw:assets/x.txt` names a file shipped inside the package; anything else is a local path."""
-    text = str(path)
-    if text.startswith(PACKAGE_PREFIX):
-        return Path(str(resources.files("dualfw").joinpath(text[len(PACKAGE_PREFIX) :])))
-    return Path(text).expanduser()
+from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.core.files import resolve_path
 
 
 def read_prompts(path: str | Path, key: str = "data.prompts") -> list[dict]:

@@ -1,11 +1,23 @@
-"""JSON-lines files, the format of prompts, rollouts, GenEval metadata and POPE files."""
+"""Files: packaged paths (`dualfw:assets/...`) and JSON lines, the format of prompts, rollouts,
+GenEval metadata and POPE files."""
 
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+PACKAGE_PREFIX = "dualfw:"
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """`dualfw:assets/x.txt` names a file shipped inside the package; anything else is a local path."""
+    text = str(path)
+    if text.startswith(PACKAGE_PREFIX):
+        return Path(str(resources.files("dualfw").joinpath(text[len(PACKAGE_PREFIX) :])))
+    return Path(text).expanduser()
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:

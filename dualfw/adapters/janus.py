@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from dualfw.errors import ConfigError, MissingFileError
-from dualfw.models.base import ImageSampling, LMMAdapter, TextSampling
-from dualfw.models.tiny import TinyJanusSpec, build_tiny_janus
+from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.core.files import resolve_path
+from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
+from dualfw.adapters.tiny import TinyJanusSpec, build_tiny_janus
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_janus_folder(path: str | Path) -> Path:
     """Fail early, naming the folder, when it does not hold a transformers Janus checkpoint."""
-    from dualfw.data.prompts import resolve_path  # "dualfw:assets/shapes_base" = the shipped base model
 
     folder = resolve_path(path)
     if not folder.is_dir():

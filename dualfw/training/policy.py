@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 
-from dualfw.errors import ConfigError
-from dualfw.losses import PairLogps, PreferenceLoss, SimPO, chosen_nll
-from dualfw.models.base import LMMAdapter
-from dualfw.modules.reference import Reference
-from dualfw.modules.scorer import DualScorer
-from dualfw.selfreward import Group, sequence_logps
+from dualfw.core.errors import ConfigError
+from dualfw.core.losses import PairLogps, PreferenceLoss, SimPO, chosen_nll
+from dualfw.core.interface import LMMAdapter
+from dualfw.training.reference import Reference
+from dualfw.training.scorer import DualScorer
+from dualfw.core.selfreward import Group, sequence_logps
 
 
 def _adamw(params):
@@ -53,7 +53,7 @@ class Policy(L.LightningModule):
             policy does not separate chosen from rejected) for this many steps; 0 disables.
         stall_tolerance: see stall_patience.
         chosen_nll_weight: weight w of a likelihood term on each pair's chosen sample,
-            L = L_pref + w * mean(-log pi(y_w|x) / |y_w|) (see dualfw.losses.chosen_nll); 0 = off.
+            L = L_pref + w * mean(-log pi(y_w|x) / |y_w|) (see dualfw.core.losses.chosen_nll); 0 = off.
         guided_logps: t2i log-probs (the policy's and the Reference's) under the classifier-free
             guidance the images were sampled with, log softmax(uncond + s * (cond - uncond)): the
             loss then trains the distribution the sampler draws from, through the conditional and

@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dualfw.models.base import LMMAdapter
-from dualfw.selfreward import Group, sequence_logps
+from dualfw.core.interface import LMMAdapter
+from dualfw.core.selfreward import Group, sequence_logps
 
 
 class Reference(L.LightningModule):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualfw.data.jsonl import iter_jsonl
-from dualfw.data.prompts import resolve_path
-from dualfw.errors import ConfigError, MissingFileError
+from dualfw.core.files import iter_jsonl
+from dualfw.core.files import resolve_path
+from dualfw.core.errors import ConfigError, MissingFileError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dualfw.errors import ConfigError
-from dualfw.models.base import LMMAdapter
+from dualfw.core.errors import ConfigError
+from dualfw.core.interface import LMMAdapter
 
 Reduction = Literal["mean", "sum"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import json
 from typing import Iterator
 
-from dualfw.data.jsonl import iter_jsonl
+from dualfw.core.files import iter_jsonl
 
 
 class RolloutWriter:

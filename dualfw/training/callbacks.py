@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid, save_image
 
-from dualfw.data.datamodule import eval_mode, run_folder
-from dualfw.models.base import ImageSampling
+from dualfw.training.datamodule import eval_mode, run_folder
+from dualfw.core.interface import ImageSampling
 
 
 class PairImageGrid(L.Callback):
