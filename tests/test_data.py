@@ -147,9 +147,9 @@ def test_reference_frozen_scorer_and_initial_sampler_share_one_initial_model(tin
     base = JanusAdapter(path=str(tiny_folder))
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), scorer=DualScorer(frozen=True),
                     lora=LoraSpec(r=lora_r) if lora_r else None, rollouts_from="initial")
-    assert policy.reference is policy.sampler
-    assert policy.scorer.model is policy.reference.model
-    assert (policy.reference.model is policy.model) == bool(lora_r)  # LoRA: the policy with adapters off
+    assert policy.reference.view is policy.sampler
+    assert policy.scorer.model is policy.reference.view
+    assert (policy.reference.view.adapter is policy.model) == bool(lora_r)  # LoRA: the policy with adapters off
     fresh = DualScorer()
     fresh.attach(base)
     tokens = torch.randint(0, 64, (2, base.num_image_tokens))
@@ -159,13 +159,13 @@ def test_reference_frozen_scorer_and_initial_sampler_share_one_initial_model(tin
                 p.add_(0.05)  # training moved the policy
     assert torch.allclose(policy.scorer.image_rewards(tokens, ["a circle", "a square"]),
                           fresh.image_rewards(tokens, ["a circle", "a square"]), atol=1e-5)
-    assert torch.allclose(policy.reference.image_logprobs(["a circle", "a square"], tokens),
+    assert torch.allclose(policy.reference.view.image_logprobs(["a circle", "a square"], tokens),
                           base.image_logprobs(["a circle", "a square"], tokens), atol=1e-5)
 
 
 @pytest.mark.parametrize("loss, lora_r", [("SimPO", None), ("DPO", None), ("SimPO", 4)])
 def test_rollouts_from_initial_sample_the_initial_weights(tiny_folder, tmp_path, loss, lora_r):
-    from dualfw import losses
+    from dualfw.core import losses
     from dualfw.training.datamodule import SelfRewardDataModule
     from dualfw.adapters.janus import JanusAdapter
     from dualfw.training.policy import LoraSpec, Policy
@@ -174,7 +174,7 @@ def test_rollouts_from_initial_sample_the_initial_weights(tiny_folder, tmp_path,
     lora = LoraSpec(r=lora_r) if lora_r else None
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=getattr(losses, loss)(), lora=lora, rollouts_from="initial")
     if loss == "DPO":
-        assert policy.sampler is policy.reference  # one frozen copy serves both
+        assert policy.sampler is policy.reference.view  # one frozen copy serves both
     with torch.no_grad():
         for p in policy.model.parameters():
             if p.requires_grad:

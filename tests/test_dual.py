@@ -145,7 +145,7 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_folder):
 
     base = JanusAdapter(path=str(tiny_folder))
     policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=DPO(), lora=LoraSpec(r=4, alpha=8))
-    assert policy.reference.model is policy.model and not policy.reference.holds_copy
+    assert policy.reference.view.adapter is policy.model and not policy.reference.holds_copy
     trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     # checkpoints hold each weight once
@@ -156,7 +156,7 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_folder):
             if p.requires_grad:
                 p.add_(0.05)  # LoRA moved away from zero: the policy changes, the Reference must not
         expected = base.image_logprobs(["a circle"], tokens)
-        torch.testing.assert_close(policy.reference.image_logprobs(["a circle"], tokens), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(policy.reference.view.image_logprobs(["a circle"], tokens), expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(policy.model.image_logprobs(["a circle"], tokens), expected, atol=1e-3)
 
 

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 
 from dualfw.core.errors import ConfigError, MissingFileError
 from dualfw.core.files import resolve_path
-from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
+from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSampling
 from dualfw.adapters.tiny import TinyJanusSpec, build_tiny_janus
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,6 +146,17 @@ class JanusAdapter(LMMAdapter):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+
+    def lora_targets(self) -> str:
+        """The language model's attention projections (the vision tower and the VQ tokenizer have
+        layers of the same names)."""
+        return r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+
+    def generation_modules(self) -> list[torch.nn.Module]:
+        """Janus draws through its own image-token embeddings, aligner and head; reading goes
+        through the vision tower, its aligner and the text head instead."""
+        janus = self.model.model
+        return [janus.generation_embeddings, janus.generation_aligner, janus.generation_head]
 
     def train(self, mode: bool = True) -> "JanusAdapter":
         super().train(mode)
@@ -274,9 +285,14 @@ class JanusAdapter(LMMAdapter):
         uncond = ids.masked_fill((ids != self.bos_id) & (ids != self.boi_id), self.pad_id)
         return torch.cat([ids, uncond]), torch.cat([mask, mask])
 
-    def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor, guidance_scale: float = 1.0) -> torch.Tensor:
+    def image_logprobs(
+        self, prompts: list[str], tokens: torch.LongTensor, guidance_scale: float = 1.0,
+        drop_prompt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self._gather_root()
         ids, mask = self.generation_inputs(prompts)
+        if drop_prompt is not None:  # those rows as CFG's unconditional input
+            ids = torch.where(drop_prompt.to(ids.device)[:, None], self._with_unconditional(ids, mask)[0][len(ids) :], ids)
         tokens = tokens.to(ids.device)
         n_tokens = tokens.shape[1]
         cfg = guidance_scale != 1.0
@@ -319,10 +335,12 @@ class JanusAdapter(LMMAdapter):
 
     # ---- understanding direction -----------------------------------------------------------------
     def text_logprobs(
-        self, pixels: torch.Tensor | None, texts: list[str], instruction: str, eos: bool = False
+        self, images: Images | torch.Tensor | None, texts: list[str], instruction: str, eos: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Janus reads pixels through its vision encoder: sampled tokens are decoded first."""
+        images = Images.of(images)
         tok = self.processor.tokenizer
-        prefix = self.understanding_prefix_ids(instruction, image=pixels is not None)
+        prefix = self.understanding_prefix_ids(instruction, image=images is not None)
         answers = [tok(" " + t.strip(), add_special_tokens=False).input_ids if t.strip() else [] for t in texts]
         if eos:
             answers = [a + [self.eos_id] for a in answers]
@@ -338,7 +356,7 @@ class JanusAdapter(LMMAdapter):
             answer_mask[i, : len(a)] = True
         ids, attn, answer_mask = ids.to(self.device), attn.to(self.device), answer_mask.to(self.device)
         self._gather_root()
-        pixel_values = None if pixels is None else self.understanding_pixels(pixels)
+        pixel_values = None if images is None else self.understanding_pixels(images.pixels)
         hidden = self.model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=attn, use_cache=False).last_hidden_state
         # position t predicts token t + 1: the answer is predicted from len(prefix) - 1 on
         logits = self.model.lm_head(hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]).float()

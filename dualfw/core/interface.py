@@ -1,23 +1,44 @@
 """The model interface: what the self-reward loop needs from a unified LMM.
 
-Adding a new LMM means one file implementing `LMMAdapter` and a YAML overlay in `conf/models/`;
-`tests/test_adapter_contract.py` runs the same contract against every registered adapter.
+A model family joins dualfw with one file implementing `LMMAdapter`, a YAML overlay in
+`conf/models/` and a factory in `tests/test_adapter_contract.py`, which runs the same contract
+against every family. The contract:
+
+- `sample_images(prompts, k, sampling, seed)` -> image tokens (B, k, N), the prompt prefix shared
+  by its k samples; `decode_images` / `encode_images` between tokens and pixels.
+- `image_logprobs(prompts, tokens, guidance_scale, drop_prompt)`: per-token log p(image token |
+  prompt), the policy's log-prob of a drawn image (and R_U, the image given a description), also
+  under the sampler's classifier-free guidance, or with the prompt dropped as CFG's unconditional
+  input (for training that input).
+- `text_logprobs(images, texts, instruction, eos)`: per-token log p(text | image), R_G's reading.
+  `images` is an `Images` batch: the tokens of sampled images and, only when the adapter reads
+  pixels (through a vision encoder), their decoded pixels. A family that reads its own tokens
+  scores the sample itself, with no decode and re-encode.
+- `sample_texts(pixels, k, instruction, sampling, seed)`: k descriptions per image.
+- `save_pretrained(folder)`: a folder the model's own library loads.
+- What training needs, declared rather than reached for: `lora_module()` and `lora_targets()`
+  (where peft injects adapters: the language model only, never a frozen tokenizer),
+  `generation_modules()` (what draws and never reads), `fully_shard(mesh)` (FSDP2 units).
 
 Conventions shared by every adapter:
 - images are float tensors (n, 3, H, W) in [0, 1] at `image_size`;
-- image tokens are LongTensors (n, num_image_tokens) of VQ codebook indices;
+- image tokens are LongTensors (n, num_image_tokens) of codebook indices;
 - log-probs are per token, float32, with gradients whenever grad mode is on;
 - prompts are plain strings; the adapter applies the model's own chat templates.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
+
+from dualfw.core.errors import ConfigError
 
 
 @dataclass
@@ -40,6 +61,45 @@ class TextSampling:
     max_new_tokens: int = 64
 
 
+class Images:
+    """A batch of images as a model reads them: image tokens, pixels, or both.
+
+    Pixels are decoded from the tokens (by `decode`) the first time an adapter asks for them, and
+    kept: an adapter that reads its own tokens never pays for a decode.
+    """
+
+    def __init__(
+        self,
+        tokens: torch.LongTensor | None = None,
+        pixels: torch.Tensor | None = None,
+        decode: Callable[[torch.LongTensor], torch.Tensor] | None = None,
+    ) -> None:
+        if tokens is None and pixels is None:
+            raise ValueError("Images needs tokens, pixels or both")
+        self.tokens, self._pixels, self._decode = tokens, pixels, decode
+
+    @classmethod
+    def of(cls, images: "Images | torch.Tensor | None") -> "Images | None":
+        """`images` as an Images batch: a tensor is taken as pixels."""
+        return images if images is None or isinstance(images, Images) else cls(pixels=images)
+
+    def __len__(self) -> int:
+        return len(self.tokens if self.tokens is not None else self._pixels)
+
+    def __getitem__(self, index) -> "Images":
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Images(pick(self.tokens), pick(self._pixels), self._decode)
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """(n, 3, H, W) in [0, 1], decoded from the tokens on first use."""
+        if self._pixels is None:
+            if self._decode is None:
+                raise ValueError("these images carry tokens only and no decoder")
+            self._pixels = self._decode(self.tokens)
+        return self._pixels
+
+
 class LMMAdapter(nn.Module, ABC):
     """A unified LMM seen through the two directions the dual self-reward needs.
 
@@ -47,10 +107,12 @@ class LMMAdapter(nn.Module, ABC):
     checkpoints it) and implement the abstract methods below.
     """
 
-    #: number of VQ tokens per generated image
+    #: number of image tokens per generated image
     num_image_tokens: int
     #: side in pixels of generated images
     image_size: int
+    #: text_logprobs reads decoded pixels (a vision encoder) rather than the image tokens
+    reads_pixels: bool = True
 
     @abstractmethod
     def sample_images(
@@ -68,31 +130,38 @@ class LMMAdapter(nn.Module, ABC):
 
     @abstractmethod
     def decode_images(self, tokens: torch.LongTensor) -> torch.Tensor:
-        """VQ tokens (n, N) -> pixels (n, 3, H, W) in [0, 1]."""
+        """Image tokens (n, N) -> pixels (n, 3, H, W) in [0, 1]."""
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.LongTensor:
-        """Pixels (n, 3, H, W) in [0, 1] -> VQ tokens (n, N)."""
+        """Pixels (n, 3, H, W) in [0, 1] -> image tokens (n, N)."""
 
     @abstractmethod
-    def image_logprobs(self, prompts: list[str], tokens: torch.LongTensor, guidance_scale: float = 1.0) -> torch.Tensor:
+    def image_logprobs(
+        self,
+        prompts: list[str],
+        tokens: torch.LongTensor,
+        guidance_scale: float = 1.0,
+        drop_prompt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-token log p(image token | prompt, earlier image tokens), (n, N).
 
-        `prompts[i]` conditions `tokens[i]`; this is the policy log-prob of a generated image.
-        guidance_scale 1: the conditional model alone. s != 1: the classifier-free-guided
-        distribution that `sample_images` draws from at temperature 1 with the same scale,
-        log softmax(uncond + s * (cond - uncond)), with the same unconditional input.
+        `prompts[i]` conditions `tokens[i]`. guidance_scale 1: the conditional model alone. s != 1:
+        the guided distribution that `sample_images` draws from at temperature 1 with the same
+        scale, log softmax(uncond + s * (cond - uncond)). `drop_prompt` (n,) bool: those rows
+        conditioned on the unconditional input CFG uses for their prompt instead.
         """
 
     @abstractmethod
     def text_logprobs(
-        self, pixels: torch.Tensor | None, texts: list[str], instruction: str, eos: bool = False
+        self, images: Images | torch.Tensor | None, texts: list[str], instruction: str, eos: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log p(text | image) with `instruction` as the user turn and `texts[i]` as the
-        assistant answer about `pixels[i]` (no image in the prompt when `pixels` is None). With
-        `eos` the end-of-sequence token after each text is scored too. Returns (logps, mask), both
-        (n, T_max); mask marks the scored tokens, logps is 0 elsewhere."""
+        assistant answer about image i (an `Images` batch, or pixels; no image in the prompt when
+        None). With `eos` the end-of-sequence token after each text is scored too. Returns
+        (logps, mask), both (n, T_max); mask marks the scored tokens, logps is 0 elsewhere."""
 
+    @abstractmethod
     def sample_texts(
         self,
         pixels: torch.Tensor,
@@ -101,13 +170,60 @@ class LMMAdapter(nn.Module, ABC):
         sampling: TextSampling = TextSampling(),
         seed: int | None = None,
     ) -> list[list[str]]:
-        """Sample `k` descriptions per image (understanding direction)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement the understanding direction yet")
+        """Sample `k` descriptions per image (temperature 0: greedy, the k answers equal)."""
 
-    def save_pretrained(self, folder: str) -> Path:
-        """Save weights and processing files where the model's own library loads them."""
-        raise NotImplementedError(f"{type(self).__name__} cannot export yet")
+    @abstractmethod
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Save weights and processing files where the model's own library loads them. Under FSDP2
+        every rank calls it and rank 0 writes."""
+
+    @abstractmethod
+    def lora_targets(self) -> list[str] | str:
+        """peft `target_modules` that LoRA adapts by default: the language model's projections,
+        never a frozen image tokenizer's layers of the same name."""
+
+    def lora_module(self) -> nn.Module:
+        """The module peft injects LoRA layers into (a transformers model)."""
+        return self.model
+
+    def generation_modules(self) -> list[nn.Module]:
+        """The modules used only to draw images, never to read them (e.g. image-token embeddings
+        and the image head). Training only these changes generation and leaves every reading
+        computation (R_G, descriptions, answers) exactly the initial model's."""
+        raise ConfigError(f"{type(self).__name__} declares no generation-only modules")
+
+    def fully_shard(self, mesh, mp_policy=None) -> None:
+        """Shard the weights over `mesh` with FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit
+        per block the adapter calls directly."""
+        raise ConfigError(f"{type(self).__name__} does not support FSDP2 sharding")
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+class FrozenView:
+    """An adapter seen read-only as another model: every call runs without gradients inside
+    `context()` (e.g. peft's `disable_adapter`: the initial model under LoRA), or on a frozen copy.
+
+    It offers the adapter's reading and drawing calls, so the Reference, a frozen scorer and
+    `rollouts_from: initial` use it wherever they would use the adapter.
+    """
+
+    def __init__(self, adapter: LMMAdapter, context: Callable[[], ContextManager] | None = None) -> None:
+        self.adapter, self.context = adapter, context or contextlib.nullcontext
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.adapter, name)
+        if name not in _VIEWED:
+            return attribute
+
+        def call(*args, **kwargs):
+            with torch.no_grad(), self.context():
+                return attribute(*args, **kwargs)
+
+        return call
+
+
+# The calls a frozen view runs inside its context (everything else passes through, e.g. image_size).
+_VIEWED = {"sample_images", "decode_images", "encode_images", "image_logprobs", "text_logprobs", "sample_texts"}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dualfw.core.errors import ConfigError
-from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
+from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSampling
 
 Pairing = Literal["best_worst", "all", "top_bottom"]
 PAIRINGS = ("best_worst", "all", "top_bottom")
@@ -137,5 +137,6 @@ def sequence_logps(model: LMMAdapter, group: Group, samples: Tensor, guided: boo
         logps = model.image_logprobs([group.prompts[r] for r in rows], tokens, scale).sum(-1)
         return logps, torch.full_like(logps, float(tokens.shape[1]))
     texts = [group.texts[r][c] for r, c in zip(rows, cols)]
-    logps, mask = model.text_logprobs(group.pixels[samples[:, 0]], texts, group.instruction, eos=True)
+    images = Images(group.image_tokens[samples[:, 0]], group.pixels[samples[:, 0]])
+    logps, mask = model.text_logprobs(images, texts, group.instruction, eos=True)
     return logps.sum(-1), mask.sum(-1).float()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 
 from dualfw.core.errors import ConfigError
 from dualfw.core.losses import PairLogps, PreferenceLoss, SimPO, chosen_nll
-from dualfw.core.interface import LMMAdapter
+from dualfw.core.interface import FrozenView, LMMAdapter
 from dualfw.training.reference import Reference
 from dualfw.training.scorer import DualScorer
 from dualfw.core.selfreward import Group, sequence_logps
@@ -32,7 +32,9 @@ class LoraSpec:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    #: peft target_modules (names, or a regex matched against full module names); None: the
+    #: adapter's declared defaults (`LMMAdapter.lora_targets`, the language model's projections)
+    target_modules: list[str] | str | None = None
 
 
 class Policy(L.LightningModule):
@@ -68,6 +70,10 @@ class Policy(L.LightningModule):
             next samples come from; on the Shapes
             base, at lr 1e-3, that collapsed drawing within ~100 steps even with the exact detector
             picking the samples (benchmarks/shapes_updates.md, "Larger steps").
+        train: which weights learn. "all": every trainable weight (or the LoRA adapters).
+            "generation": only the modules the model draws with and never reads with
+            (`LMMAdapter.generation_modules`): understanding, and so the live scorer's R_G, stay
+            exactly the initial model's, and t2i training cannot co-degrade its own judge.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class Policy(L.LightningModule):
         chosen_nll_weight: float = 0.0,
         guided_logps: bool = False,
         rollouts_from: Literal["policy", "initial"] = "policy",
+        train: Literal["all", "generation"] = "all",
     ) -> None:
         super().__init__()
         self.model = model
@@ -102,6 +109,15 @@ class Policy(L.LightningModule):
         self._peft = []  # the PeftModel wraps self.model's weights; a list keeps them from being saved twice
         if rollouts_from not in ("policy", "initial"):
             raise ConfigError(f"model.init_args.rollouts_from must be 'policy' or 'initial', got {rollouts_from!r}")
+        if train not in ("all", "generation"):
+            raise ConfigError(f"model.init_args.train must be 'all' or 'generation', got {train!r}")
+        if train == "generation":
+            if lora is not None:
+                raise ConfigError("model.init_args.train 'generation' trains whole modules: unset model.init_args.lora")
+            model.requires_grad_(False)
+            for module in model.generation_modules():
+                module.requires_grad_(True)
+        self.train_parts = train
         if lora is not None:
             self._peft = [_apply_lora(model, lora)]
         # The initial model, wherever something needs it (the loss's KL anchor, a frozen scorer,
@@ -111,7 +127,7 @@ class Policy(L.LightningModule):
         if self.loss.needs_reference or self.scorer.frozen or rollouts_from == "initial":
             self._initial = [Reference(self.model, self._peft[0].disable_adapter if self._peft else None)]
         initial = self._initial[0] if self._initial else None
-        self.scorer.attach(*((initial.model, initial.context) if self.scorer.frozen else (self.model, None)))
+        self.scorer.attach(initial.view if self.scorer.frozen else self.model)
         self._reference = self._initial if self.loss.needs_reference else []
         self._sampler = self._initial if rollouts_from == "initial" else []  # what DataModule rollouts sample from
 
@@ -127,8 +143,6 @@ class Policy(L.LightningModule):
         mesh = self.device_mesh
         if mesh is None or getattr(self, "_sharded", False):
             return
-        if not hasattr(self.model, "fully_shard"):
-            raise ConfigError(f"{type(self.model).__name__} does not support FSDP2 sharding (no fully_shard method)")
         names = mesh.mesh_dim_names or ()
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
             raise ConfigError("tensor parallelism is not supported: set ModelParallelStrategy tensor_parallel_size: 1")
@@ -145,9 +159,9 @@ class Policy(L.LightningModule):
         return self._reference[0] if self._reference else None
 
     @property
-    def sampler(self) -> LMMAdapter | Reference:
+    def sampler(self) -> LMMAdapter | FrozenView:
         """What rollouts sample candidates from (`rollouts_from`)."""
-        return self._sampler[0] if self._sampler else self.model
+        return self._sampler[0].view if self._sampler else self.model
 
     def on_fit_start(self) -> None:
         init_fsdp1_root(self.trainer.strategy.model)
@@ -340,15 +354,18 @@ def init_fsdp1_root(root: torch.nn.Module | None) -> None:
 
 
 def _apply_lora(model: LMMAdapter, spec: LoraSpec):
-    """Inject LoRA layers into the adapter's transformers model in place; returns the PeftModel."""
+    """Inject LoRA layers into the adapter's `lora_module()` in place; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.target_modules))
+    targets = model.lora_targets() if spec.target_modules is None else spec.target_modules
+    targets = targets if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    module = model.lora_module()
     try:
-        return get_peft_model(model.model, config)
+        return get_peft_model(module, config)
     except ValueError as err:
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.model.named_modules() if isinstance(m, torch.nn.Linear)})
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
-            f"model.init_args.lora.target_modules {list(spec.target_modules)} match no layer of the model "
+            f"model.init_args.lora.target_modules {targets} match no layer of the model "
             f"(linear layers are named e.g. {', '.join(names[:12])}): {str(err).splitlines()[0]}"
         ) from None

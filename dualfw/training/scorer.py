@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from typing import Callable, ContextManager, Literal
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from dualfw.core.errors import ConfigError
-from dualfw.core.interface import LMMAdapter
+from dualfw.core.interface import FrozenView, Images, LMMAdapter
 
 Reduction = Literal["mean", "sum"]
 
@@ -77,26 +76,24 @@ class DualScorer(L.LightningModule):
         self.reduction, self.i2t_reduction, self.instruction = reduction, i2t_reduction, instruction
         self.contrastive, self.score_eos, self.frozen, self.batch_size = contrastive, score_eos, frozen, batch_size
         self.batch_contrast = batch_contrast
-        self._model: list[LMMAdapter] = []  # a list keeps the policy's weights out of this module's state
-        self._initial: Callable[[], ContextManager] = contextlib.nullcontext
+        self._model: list[LMMAdapter | FrozenView] = []  # a list keeps the policy's weights out of this module's state
+        self._own_copy = False
 
-    def attach(self, policy_model: LMMAdapter, initial: Callable[[], ContextManager] | None = None) -> None:
-        """Score with `policy_model` itself or, when `frozen`, as the initial model: `policy_model`
-        under `initial()` if given (LoRA adapters disabled; or a frozen copy made elsewhere, with a
-        no-op context), else a frozen copy made here."""
-        self._initial = initial or contextlib.nullcontext
-        model = policy_model
-        if self.frozen and initial is None:
-            model = copy.deepcopy(policy_model).eval().requires_grad_(False)
+    def attach(self, model: LMMAdapter | FrozenView) -> None:
+        """Score with `model`: the live policy, or a read-only view of the initial model. When
+        `frozen` and given a live adapter, score with a frozen copy of it made here."""
+        self._own_copy = self.frozen and not isinstance(model, FrozenView)
+        if self._own_copy:
+            model = FrozenView(copy.deepcopy(model).eval().requires_grad_(False))
         self._model = [model]
 
     def move_frozen_to(self, device) -> None:
-        """Move a frozen copy (kept outside the module tree) to the policy's device."""
-        if self.frozen and self._initial is contextlib.nullcontext:
-            self.model.to(device)
+        """Move a frozen copy made by `attach` (kept outside the module tree) to the policy's device."""
+        if self._own_copy:
+            self.model.adapter.to(device)
 
     @property
-    def model(self) -> LMMAdapter:
+    def model(self) -> LMMAdapter | FrozenView:
         if not self._model:
             raise RuntimeError("DualScorer has no model: call attach(policy_model) first")
         return self._model[0]
@@ -109,13 +106,11 @@ class DualScorer(L.LightningModule):
     def prompt_loglik(self, tokens: Tensor | None, prompts: list[str], pixels: Tensor | None = None) -> Tensor:
         """log pi(prompt | image), reduced; tokens None scores the prompts with no image. `pixels`:
         the images already decoded from `tokens`, when they are scored more than once."""
+        images = None if tokens is None else Images(tokens, pixels, self.model.decode_images)
         out = []
         for part in self._chunks(len(prompts)):
-            if tokens is None:
-                images = None
-            else:
-                images = pixels[part] if pixels is not None else self.model.decode_images(tokens[part])
-            logps, mask = self.model.text_logprobs(images, prompts[part], self.instruction, eos=self.score_eos)
+            batch = None if images is None else images[part]
+            logps, mask = self.model.text_logprobs(batch, prompts[part], self.instruction, eos=self.score_eos)
             out.append(reduce_logps(logps, mask, self.reduction))
         return torch.cat(out)
 
@@ -130,13 +125,12 @@ class DualScorer(L.LightningModule):
 
     @torch.no_grad()
     def image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
-        """R_G for each image (VQ tokens, (n, N)) and the prompt it was sampled for; (n,)."""
-        with self._initial():
-            return self._image_rewards(tokens, prompts)
+        """R_G for each image (image tokens, (n, N)) and the prompt it was sampled for; (n,)."""
+        return self._image_rewards(tokens, prompts)
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
         pixels = None
-        if self.batch_contrast:  # decoded once (in scoring-sized chunks), scored against every prompt
+        if self.batch_contrast and self.model.reads_pixels:  # decoded once (in scoring-sized chunks), read with every prompt
             pixels = torch.cat([self.model.decode_images(tokens[part]) for part in self._chunks(len(tokens))])
         rewards = self.prompt_loglik(tokens, prompts, pixels)
         if self.contrastive:
@@ -156,8 +150,7 @@ class DualScorer(L.LightningModule):
     @torch.no_grad()
     def text_rewards(self, image_tokens: Tensor, texts: list[list[str]]) -> Tensor:
         """R_U for the K descriptions of each real image (image_tokens (B, N)); (B, K)."""
-        with self._initial():
-            return self._text_rewards(image_tokens, texts)
+        return self._text_rewards(image_tokens, texts)
 
     def _text_rewards(self, image_tokens: Tensor, texts: list[list[str]]) -> Tensor:
         b, k = len(texts), len(texts[0])
