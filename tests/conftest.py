@@ -14,8 +14,13 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The reference data beside the checkout (official GenEval prompts, POPE questions). In CI it
+    is always there, so its absence fails; elsewhere (a clone without it) the tests skip, saying why."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"reference data folder {SHARED_DATA} is absent (it sits beside every checkout and in CI)")
+        message = f"reference data folder {SHARED_DATA} is absent (it sits beside every checkout and in CI)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return SHARED_DATA
 
 
@@ -32,3 +37,25 @@ def tiny_adapter(tiny_folder):
     from dualfw.adapters.janus import JanusAdapter
 
     return JanusAdapter(path=str(tiny_folder)).eval()
+
+
+def _stepwise_logprobs(adapter, prompt, tokens, ids=None):
+    """log_softmax of the generation head at each image position, one full forward per position
+    (no cache, no batching): an independent reference for image_logprobs. `ids` replaces the
+    prompt's own ids (e.g. an unconditional prompt)."""
+    if ids is None:
+        ids, _ = adapter.generation_inputs([prompt])
+    embed = adapter.model.get_input_embeddings()(ids)
+    rows = []
+    with torch.no_grad():
+        for t in range(tokens.shape[0]):
+            img = adapter.model.prepare_embeddings_for_image_generation(tokens[None, :t])
+            hidden = adapter.model.model.language_model(inputs_embeds=torch.cat([embed, img], 1)).last_hidden_state
+            rows.append(adapter.model.model.generation_head(hidden[0, -1]).float().log_softmax(-1))
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="session")
+def stepwise_logprobs():
+    """`_stepwise_logprobs`: per-position image log-probs of a Janus adapter, computed without cache."""
+    return _stepwise_logprobs

@@ -51,7 +51,13 @@ def test_packaged_prompt_file_resolves():
 
 def test_rollouts_written_then_read_back(tmp_path):
     writer = RolloutWriter(tmp_path / "run" / "rollouts.jsonl")
-    records = [{"prompt": "a", "rewards": [0.1, -0.2], "chosen": 0, "rejected": 1}, {"prompt": "b", "chosen": None}]
+    # the schema SelfRewardDataModule.record writes (tests/test_cli.py checks a real run's file)
+    records = [
+        {"direction": "t2i", "step": 0, "epoch": 0, "seed": 7, "prompt": "a", "image_tokens": [[1, 2], [3, 4]],
+         "meta": {"tag": "colors"}, "rewards": [0.1, -0.2], "pairs": [[0, 1]]},
+        {"direction": "i2t", "step": 0, "epoch": 0, "seed": 7, "image_tokens": [5, 6], "texts": ["x", "y"],
+         "meta": {"image": "a.png"}, "rewards": [0.3, 0.3], "pairs": []},
+    ]
     for r in records:
         writer.write(r)
     # flushed line by line: readable before close (a crash loses nothing)

@@ -34,9 +34,7 @@ def test_greedy_descriptions_match_transformers_text_generate(tiny_adapter):
         assert ours[i] == [text, text]
 
 
-def test_text_reward_is_teacher_forced_image_likelihood(tiny_adapter):
-    from test_janus_parity import _all_logprobs  # the no-cache, one-position-at-a-time reference
-
+def test_text_reward_is_teacher_forced_image_likelihood(tiny_adapter, stepwise_logprobs):
     pixels = _pixels(tiny_adapter, 1)
     texts = [["a red circle", "two squares"]]
     scorer = DualScorer(i2t_reduction="mean")
@@ -44,7 +42,7 @@ def test_text_reward_is_teacher_forced_image_likelihood(tiny_adapter):
     rewards = scorer.text_rewards(tiny_adapter.encode_images(pixels), texts)
     tokens = tiny_adapter.encode_images(pixels)[0]
     for j, text in enumerate(texts[0]):
-        reference = _all_logprobs(tiny_adapter, text, tokens).gather(-1, tokens[:, None]).mean()
+        reference = stepwise_logprobs(tiny_adapter, text, tokens).gather(-1, tokens[:, None]).mean()
         assert torch.allclose(rewards[0, j], reference, atol=1e-5)
 
 

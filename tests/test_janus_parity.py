@@ -37,13 +37,13 @@ def test_each_prompt_alone_gives_the_same_tokens_as_in_the_batch(tiny_adapter):
         assert torch.equal(tiny_adapter.sample_images([prompt], k=1, sampling=greedy)[0], batch[i])
 
 
-def test_guidance_scale_one_means_no_cfg(tiny_adapter):
+def test_guidance_scale_one_means_no_cfg(tiny_adapter, stepwise_logprobs):
     tokens = tiny_adapter.sample_images(MIXED[:2], k=2, sampling=ImageSampling(guidance_scale=1.0, temperature=0))
     # without CFG greedy decoding is the argmax of the conditional log-probs at every step
     logps = tiny_adapter.image_logprobs([MIXED[0], MIXED[1]], tokens[:, 0])
     ids, mask = tiny_adapter.generation_inputs([MIXED[0]])
     assert tokens.shape == (2, 2, tiny_adapter.num_image_tokens)
-    full = _all_logprobs(tiny_adapter, MIXED[0], tokens[0, 0])
+    full = stepwise_logprobs(tiny_adapter, MIXED[0], tokens[0, 0])
     assert torch.equal(full.argmax(-1), tokens[0, 0])
     assert torch.allclose(logps[0], full.gather(-1, tokens[0, 0, :, None]).squeeze(-1), atol=1e-5)
 
@@ -57,27 +57,11 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_adapter):
     assert not torch.equal(a[0, 0], a[0, 1]), "the K samples of one prompt should differ"
 
 
-def _all_logprobs(adapter, prompt, tokens, ids=None):
-    """log_softmax of the generation head at each image position, one full forward per position
-    (no cache, no batching): an independent reference for image_logprobs. `ids` replaces the
-    prompt's own ids (e.g. an unconditional prompt)."""
-    if ids is None:
-        ids, _ = adapter.generation_inputs([prompt])
-    embed = adapter.model.get_input_embeddings()(ids)
-    rows = []
-    with torch.no_grad():
-        for t in range(tokens.shape[0]):
-            img = adapter.model.prepare_embeddings_for_image_generation(tokens[None, :t])
-            hidden = adapter.model.model.language_model(inputs_embeds=torch.cat([embed, img], 1)).last_hidden_state
-            rows.append(adapter.model.model.generation_head(hidden[0, -1]).float().log_softmax(-1))
-    return torch.stack(rows)
-
-
-def test_image_logprobs_match_stepwise_forward_in_a_padded_batch(tiny_adapter):
+def test_image_logprobs_match_stepwise_forward_in_a_padded_batch(tiny_adapter, stepwise_logprobs):
     tokens = torch.randint(0, 64, (2, tiny_adapter.num_image_tokens), generator=torch.Generator().manual_seed(0))
     batched = tiny_adapter.image_logprobs([MIXED[0], MIXED[1]], tokens)
     for i in range(2):
-        reference = _all_logprobs(tiny_adapter, MIXED[i], tokens[i]).gather(-1, tokens[i, :, None]).squeeze(-1)
+        reference = stepwise_logprobs(tiny_adapter, MIXED[i], tokens[i]).gather(-1, tokens[i, :, None]).squeeze(-1)
         # left padding shifts RoPE positions (relative distances are unchanged): equal to float32 rounding
         torch.testing.assert_close(batched[i], reference, atol=1e-5, rtol=1e-5)
     assert batched.requires_grad, "log-probs must carry gradients for training"
@@ -115,7 +99,7 @@ def test_decode_then_encode_round_trip_shapes(tiny_adapter):
     assert codes.shape == tokens.shape and codes.dtype == torch.long
 
 
-def test_guided_image_logprobs_are_the_cfg_samplers_distribution(tiny_adapter):
+def test_guided_image_logprobs_are_the_cfg_samplers_distribution(tiny_adapter, stepwise_logprobs):
     """image_logprobs(guidance_scale=s) = log softmax(uncond + s (cond - uncond)), with the unconditional
     prompt transformers' CFG uses; its argmax is what transformers' greedy CFG generation picks."""
     s = 5.0
@@ -125,8 +109,8 @@ def test_guided_image_logprobs_are_the_cfg_samplers_distribution(tiny_adapter):
     for i, prompt in enumerate(MIXED[:2]):
         ids, _ = tiny_adapter.generation_inputs([prompt])
         keep = (ids == tiny_adapter.bos_id) | (ids == tiny_adapter.boi_id)
-        cond = _all_logprobs(tiny_adapter, prompt, tokens[i])
-        uncond = _all_logprobs(tiny_adapter, prompt, tokens[i], ids=ids.masked_fill(~keep, tiny_adapter.pad_id))
+        cond = stepwise_logprobs(tiny_adapter, prompt, tokens[i])
+        uncond = stepwise_logprobs(tiny_adapter, prompt, tokens[i], ids=ids.masked_fill(~keep, tiny_adapter.pad_id))
         reference = (uncond + s * (cond - uncond)).log_softmax(-1)
         assert torch.equal(reference.argmax(-1), tokens[i]), "greedy CFG picks the guided argmax"
         torch.testing.assert_close(guided[i], reference.gather(-1, tokens[i, :, None]).squeeze(-1), atol=1e-4, rtol=1e-4)

@@ -1,13 +1,15 @@
 """Every sampled rollout is written to the run folder as it is made, so nothing sampled is lost.
 
-Format: `rollouts.jsonl`, JSON lines, one line per input (prompt) per sampling round:
+Format: `rollouts.jsonl`, JSON lines, one line per input per sampling round:
 
-    {"direction": "t2i", "step": 12, "epoch": 0, "seed": 123, "prompt": "a red circle",
-     "meta": {...prompt file fields...}, "image_tokens": [[...N ints...] x K],
-     "rewards": [K floats], "chosen": 3, "rejected": 5}
+    t2i: {"direction": "t2i", "step": 12, "epoch": 0, "seed": 123, "prompt": "a red circle",
+          "image_tokens": [[...N ints...] x K], "meta": {...prompt file fields...},
+          "rewards": [K floats], "pairs": [[chosen, rejected], ...]}
+    i2t: {"direction": "i2t", ..., "image_tokens": [...N ints of the real image...],
+          "texts": [K strings], "meta": {"image": path}, "rewards": [...], "pairs": [...]}
 
-`chosen` / `rejected` index the K samples; both are null when the input was skipped (reward
-spread below the pairing margin). `read_rollouts` reads the file back.
+`pairs` index the K samples (one [best, worst] for the paper's pairing; empty when the input was
+skipped: reward spread not above the pairing margin). `read_rollouts` reads the file back.
 """
 
 from __future__ import annotations
