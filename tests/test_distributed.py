@@ -99,15 +99,15 @@ def test_fsdp2_two_ranks_i2t_with_descriptions_of_different_lengths(tmp_path):
 
 
 def _fsdp1_wrap(adapter):
-    """FSDP1 as conf/strategies/fsdp.yaml sets it up under Lightning: the decoder layers wrapped by
-    the auto-wrap policy, the whole module in a root unit (Lightning wraps the LightningModule; here a
-    module whose forward scores images, as a training step does), bf16 parameters in compute."""
+    """FSDP1 as conf/strategies/fsdp.yaml sets it up under Lightning: the adapter's declared units
+    wrapped by the auto-wrap policy the config names (`fsdp_units`; a Policy has tagged them), the
+    whole module in a root unit (Lightning wraps the LightningModule; here a module whose forward
+    scores images, as a training step does), bf16 parameters in compute."""
     from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 
+    from dualfw.training.policy import fsdp_units
+
     bf16 = MixedPrecision(param_dtype=torch.bfloat16)
-    layers = adapter.model.model.language_model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = FullyShardedDataParallel(layer, device_id=torch.device("cpu"), mixed_precision=bf16, use_orig_params=True)
 
     class Step(torch.nn.Module):
         def __init__(self):
@@ -117,12 +117,13 @@ def _fsdp1_wrap(adapter):
         def forward(self, prompts, tokens):
             return self.adapter.image_logprobs(prompts, tokens)
 
-    return FullyShardedDataParallel(Step(), device_id=torch.device("cpu"), mixed_precision=bf16, use_orig_params=True)
+    options = dict(device_id=torch.device("cpu"), mixed_precision=bf16, use_orig_params=True)
+    return FullyShardedDataParallel(Step(), auto_wrap_policy=fsdp_units, **options)
 
 
 @pytest.mark.parametrize("init_root", [True, False])
 def test_fsdp1_bf16_sampling_then_a_training_step(tiny_folder, init_root):
-    """Two failures of FSDP1 + bf16-mixed, first seen on an H100 at the first rollout, reproduced on
+    """Two failures of FSDP1 + bf16-mixed, first seen on a GPU at the first rollout, reproduced on
     one in-process gloo rank: (1) FSDP1 keeps a bf16 copy of each unit's shard; made under
     inference_mode it is an inference tensor, and scoring outside it fails ("Inplace update to
     inference tensor outside InferenceMode"): the adapter samples under no_grad when wrapped.
@@ -138,11 +139,17 @@ def test_fsdp1_bf16_sampling_then_a_training_step(tiny_folder, init_root):
     from dualfw.adapters.janus import JanusAdapter
     from dualfw.training.policy import Policy, init_fsdp1_root
 
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     adapter = JanusAdapter(path=str(tiny_folder)).eval()
+    policy = Policy(adapter, loss=SimPO())  # tags the adapter's declared units for the wrap policy
+    declared = adapter.sharding_units()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         root = _fsdp1_wrap(adapter)
         assert adapter._fsdp1_wrapped
+        wrapped = [m.module for m in root.modules() if isinstance(m, FullyShardedDataParallel) and m is not root]
+        assert len(wrapped) == len(declared) and all(any(w is d for w in wrapped) for d in declared)
         if init_root:
             init_fsdp1_root(root)
         prompts = ["a red circle"] * 2
@@ -160,7 +167,6 @@ def test_fsdp1_bf16_sampling_then_a_training_step(tiny_folder, init_root):
         layer = adapter.model.model.language_model.layers[0]
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
         # (3) Lightning's gradient clipping refuses FSDP1; the Policy clips through the root instead
-        policy = Policy(adapter, loss=SimPO())
         policy._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
         grads = lambda: [p.grad for p in root.parameters() if p.grad is not None]  # noqa: E731
         assert torch.nn.utils.get_total_norm(grads()) > 1e-3

@@ -108,15 +108,13 @@ class JanusAdapter(LMMAdapter):
 
         options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
         janus = self.model.model
-        units = [*janus.language_model.layers, janus.vision_model, janus.generation_embeddings,
-                 janus.generation_aligner, janus.generation_head]
+        units = self.sharding_units()
         for unit in units:
             fully_shard(unit, **options)
         fully_shard(self.model, ignored_params=set(janus.vqmodel.parameters()), **options)
         if mesh.get_group().name() == "gloo":
             # pytorch issue 162338: FSDP2's ReduceOp.AVG over gloo was reported to sum the gradients.
-            # Plain sums plus FSDP's own division average them either way (torch 2.14.1 averaged
-            # correctly with and without this, measured with 2 gloo ranks)
+            # Plain sums plus FSDP's own division average them either way.
             for unit in [*units, self.model]:
                 unit.set_force_sum_reduction_for_comms(True)
 
@@ -146,6 +144,17 @@ class JanusAdapter(LMMAdapter):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+
+    def sharding_units(self) -> list[torch.nn.Module]:
+        """Every decoder layer (the sampler runs them one by one), the vision tower, and the
+        generation embeddings, aligner and head; the frozen VQ tokenizer is never a unit."""
+        janus = self.model.model
+        return [*janus.language_model.layers, janus.vision_model, janus.generation_embeddings,
+                janus.generation_aligner, janus.generation_head]
+
+    def checkpointing_units(self) -> list[torch.nn.Module]:
+        """The decoder layers."""
+        return list(self.model.model.language_model.layers)
 
     def lora_targets(self) -> str:
         """The language model's attention projections (the vision tower and the VQ tokenizer have
@@ -223,7 +232,7 @@ class JanusAdapter(LMMAdapter):
         # inference_mode is cheaper per op than no_grad (no version counters or view tracking), but
         # FSDP's buffers (FSDP2's all-gathered weights, FSDP1's low-precision shards) made here would
         # become inference tensors that training can no longer write into ("Inplace update to
-        # inference tensor outside InferenceMode"; FSDP1 + bf16-mixed hit it on an H100)
+        # inference tensor outside InferenceMode"; FSDP1 + bf16-mixed hits it)
         with torch.no_grad() if sharded or self._fsdp1_wrapped else torch.inference_mode():
             tokens = self._sample_tokens(prompts, k, sampling, seed, progress)
         return tokens.clone()  # a normal tensor: inference tensors cannot enter autograd later
@@ -302,7 +311,7 @@ class JanusAdapter(LMMAdapter):
         embeds = torch.cat([self.model.get_input_embeddings()(ids), self._embed_image_tokens(fed)], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_tokens - 1)], dim=1)
         # use_cache=False in every scoring forward: a cache made here would be filled again when an
-        # activation-checkpointed layer recomputes in backward (keys twice as long: an H100 FSDP1 run)
+        # activation-checkpointed layer recomputes in backward (keys twice as long under FSDP1)
         hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         logits = self.model.model.generation_head(hidden[:, -n_tokens:]).float()
         if cfg:  # the sampler's rule

@@ -18,7 +18,8 @@ against every family. The contract:
 - `save_pretrained(folder)`: a folder the model's own library loads.
 - What training needs, declared rather than reached for: `lora_module()` and `lora_targets()`
   (where peft injects adapters: the language model only, never a frozen tokenizer),
-  `generation_modules()` (what draws and never reads), `fully_shard(mesh)` (FSDP2 units).
+  `generation_modules()` (what draws and never reads), `sharding_units()` and
+  `checkpointing_units()` (FSDP units and activation checkpointing), `fully_shard(mesh)` (FSDP2).
 
 Conventions shared by every adapter:
 - images are float tensors (n, 3, H, W) in [0, 1] at `image_size`;
@@ -191,6 +192,15 @@ class LMMAdapter(nn.Module, ABC):
         and the image head). Training only these changes generation and leaves every reading
         computation (R_G, descriptions, answers) exactly the initial model's."""
         raise ConfigError(f"{type(self).__name__} declares no generation-only modules")
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one (FSDP2 `fully_shard`, FSDP1 auto-wrap): those the
+        adapter calls directly; the rest is the root unit."""
+        return []
+
+    def checkpointing_units(self) -> list[nn.Module]:
+        """The blocks whose activations are recomputed in backward under activation checkpointing."""
+        return []
 
     def fully_shard(self, mesh, mp_policy=None) -> None:
         """Shard the weights over `mesh` with FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit

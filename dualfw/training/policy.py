@@ -66,10 +66,8 @@ class Policy(L.LightningModule):
             current policy every step. "initial": from the frozen initial model, so the chosen
             samples are a fixed target, like supervised data (rollouts.jsonl and the pairs in the
             image grids are then the initial model's samples; the grids add a row of the policy's).
-            Learning the policy's own samples feeds back: each step sharpens the distribution the
-            next samples come from; on the Shapes
-            base, at lr 1e-3, that collapsed drawing within ~100 steps even with the exact detector
-            picking the samples (benchmarks/shapes_updates.md, "Larger steps").
+            Learning the policy's own samples feeds back (each step sharpens the distribution the
+            next samples come from); fixed samples do not, which matters at large learning rates.
         train: which weights learn. "all": every trainable weight (or the LoRA adapters).
             "generation": only the modules the model draws with and never reads with
             (`LMMAdapter.generation_modules`): understanding, and so the live scorer's R_G, stay
@@ -118,6 +116,7 @@ class Policy(L.LightningModule):
             for module in model.generation_modules():
                 module.requires_grad_(True)
         self.train_parts = train
+        _mark_units(model)
         if lora is not None:
             self._peft = [_apply_lora(model, lora)]
         # The initial model, wherever something needs it (the loss's KL anchor, a frozen scorer,
@@ -305,7 +304,7 @@ class Policy(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Under FSDP1 (Lightning's FSDPStrategy) clip by norm through the root unit, which takes the
         norm over every rank's shard: Lightning's own clipping refuses FSDP1 ("`gradient_clip_algorithm=
-        'norm'` is currently not supported for `FSDPPrecision`", at the first step of an H100 run)."""
+        'norm'` is currently not supported for `FSDPPrecision`")."""
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         root = self._trainer.strategy.model if self._trainer is not None else None
@@ -339,12 +338,31 @@ class Policy(L.LightningModule):
         return self.model.save_pretrained(folder)
 
 
+def _mark_units(model: LMMAdapter) -> None:
+    """Tag the adapter's declared FSDP and checkpointing units for `fsdp_units` / `checkpointed_units`."""
+    for unit in model.sharding_units():
+        unit._dualfw_fsdp_unit = True
+    for unit in model.checkpointing_units():
+        unit._dualfw_checkpoint_unit = True
+
+
+def fsdp_units(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP1 auto-wrap policy (`conf/strategies/fsdp.yaml`): wrap the units the Policy's adapter
+    declares (`LMMAdapter.sharding_units`), so the strategy names no model classes."""
+    return recurse or getattr(module, "_dualfw_fsdp_unit", False)
+
+
+def checkpointed_units(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP1 activation-checkpointing policy: the adapter's `LMMAdapter.checkpointing_units`."""
+    return recurse or getattr(module, "_dualfw_checkpoint_unit", False)
+
+
 def init_fsdp1_root(root: torch.nn.Module | None) -> None:
     """Make FSDP1's outermost unit (Lightning's FSDPStrategy wraps the LightningModule in it) the
     root before anything samples. FSDP1 picks its root at the first forward it sees; sampling and
     scoring call the wrapped layers directly, so each would crown itself root and the first training
     step then fails ("Non-root FSDP instance's `_is_root` should not have been set yet", seen on an
-    H100). No-op for anything else. FSDP1 offers no public call for this one step."""
+    GPU run). No-op for anything else. FSDP1 offers no public call for this one step."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(root, FullyShardedDataParallel):

@@ -40,10 +40,8 @@ class DualScorer(L.LightningModule):
         R_U(t) - log mean_{v' != v} pi(v' | t)       v' the batch's other images
 
     An image that supports any prompt (clutter: more objects give more words support) or a
-    description that fits any image earns nothing by it. On the Shapes base (`python
-    benchmarks/shapes_rewards.py --slots 64`, seeds 0 / 1) R_G's best-vs-worst pairs differ by
-    +0.09 / +0.08 objects, relative to 3 other prompts by -0.04 / -0.08, and best-of-8 by it judges
-    0.396 / 0.375 strict vs R_G's 0.370 / 0.352. Costs one more scoring pass per other input.
+    description that fits any image earns nothing by it (`benchmarks/shapes_rewards.py` measures
+    the object-count bias of each reward). Costs one more scoring pass per other input.
 
     Args:
         reduction: R_G over the prompt's tokens: "mean" per token (the paper) or "sum".
