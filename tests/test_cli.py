@@ -159,3 +159,47 @@ def test_pair_grid_shows_the_pairs_and_with_initial_rollouts_the_policy_own_samp
     saved = read_image(str(run / "images" / "pairs_step000001.png"))[:3]
     assert saved.shape == expected.shape  # 3 rows with initial rollouts, 2 without
     assert (saved.int() - (expected * 255 + 0.5).clamp(0, 255).int()).abs().max() <= 1
+
+
+def test_generation_only_training_leaves_reading_bit_identical(tmp_path, tiny_folder, tiny_adapter):
+    """train: generation moves only the modules that draw: after a fit at a large learning rate the
+    exported model's every other weight, its R_G and its greedy answers equal the initial model's
+    exactly, while its image log-probs changed."""
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.core.interface import TextSampling
+    from dualfw.training.scorer import DualScorer
+
+    cli_main(_fit_args(tmp_path, tiny_folder, "--model.init_args.train=generation",
+                       "--model.init_args.optimizer.init_args.lr=0.05"))
+    trained = JanusAdapter(path=str(tmp_path / "t2i" / "run" / "export")).eval()
+    drawing = {id(p) for m in tiny_adapter.generation_modules() for p in m.parameters()}
+    before = dict(tiny_adapter.named_parameters())
+    changed = {name for name, p in trained.named_parameters() if not torch.equal(p, before[name])}
+    assert changed, "nothing trained"
+    assert all(id(before[name]) in drawing for name in changed), sorted(changed)
+
+    tokens = tiny_adapter.sample_images(["a red circle", "two squares"], k=2, seed=0).flatten(0, 1)
+    prompts = ["a red circle"] * 2 + ["two squares"] * 2
+    rewards = []
+    for model in (tiny_adapter, trained):
+        scorer = DualScorer()
+        scorer.attach(model)
+        rewards.append(scorer.image_rewards(tokens, prompts))
+    assert torch.equal(rewards[0], rewards[1])
+    pixels = tiny_adapter.decode_images(tokens)
+    greedy = TextSampling(temperature=0.0, max_new_tokens=6)
+    answers = [m.sample_texts(pixels, 1, "Is there a circle?", greedy) for m in (tiny_adapter, trained)]
+    assert answers[0] == answers[1]
+    with torch.no_grad():
+        assert not torch.equal(tiny_adapter.image_logprobs(prompts, tokens), trained.image_logprobs(prompts, tokens))
+
+
+def test_generation_only_training_refuses_lora(tiny_folder):
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.core.errors import ConfigError
+    from dualfw.training.policy import LoraSpec, Policy
+
+    with pytest.raises(ConfigError, match="model.init_args.train 'generation'.*lora"):
+        Policy(JanusAdapter(path=str(tiny_folder)), train="generation", lora=LoraSpec(r=4))
+    with pytest.raises(ConfigError, match="model.init_args.train must be 'all' or 'generation', got 'reading'"):
+        Policy(JanusAdapter(path=str(tiny_folder)), train="reading")
