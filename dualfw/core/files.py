@@ -44,3 +44,8 @@ def iter_jsonl(path: str | os.PathLike[str], error: type[Exception] = ValueError
             if not isinstance(obj, dict):
                 raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> list[dict]:
+    """Every object of a JSON-lines file, in order (see `iter_jsonl`)."""
+    return [obj for _, obj in iter_jsonl(path, error)]

@@ -8,12 +8,11 @@ plurals, number words, draw order and de-duplication; see shared/docs/evaluation
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from dualfw.core.files import iter_jsonl
+from dualfw.core.files import read_jsonl  # noqa: F401  (also importable from here)
 from dualfw.eval.geneval import dedupe_records, make_plural, with_article
 from dualfw.shapes.world import DEFAULT_WORLD, RELATIONS, Scene, ShapeObject, WorldConfig, relations
 
@@ -142,11 +141,6 @@ def enumerate_geneval_prompts(world: WorldConfig = DEFAULT_WORLD, tags: Sequence
         ],
     }
     return [r for tag in TAGS if tag in tags for r in by_tag[tag]]
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file."""
-    return [obj for _, obj in iter_jsonl(path)]
 
 
 # ---------------------------------------------------------------------------------------------
