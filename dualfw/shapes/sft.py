@@ -22,7 +22,7 @@ the seeds are in the configs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dualfw.core.errors import ConfigError
 from dualfw.adapters.janus import JanusAdapter
+from dualfw.eval.pixels import to_pixels, to_uint8
 from dualfw.shapes.detector import ShapesDetector, detection_rates
 from dualfw.shapes.text import (
     enumerate_geneval_prompts,
@@ -49,11 +50,6 @@ DESCRIBE = "Describe this image."
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-
-
-def to_pixels(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) arrays -> float (n, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def question_example(scene, rng: np.random.Generator, world: WorldConfig, shape_only_prob: float) -> tuple[str, str]:
@@ -480,11 +476,6 @@ def export(adapter: JanusAdapter, folder: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
-    """[0, 1] float (n, 3, H, W) -> uint8 (H, W, 3) arrays, as a saved PNG would hold."""
-    return list((pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-
-
 @torch.no_grad()
 def reconstruction_rates(
     adapter: JanusAdapter, n: int = 300, seed: int = 1234, batch: int = 50, threshold: float = 0.9
@@ -497,5 +488,5 @@ def reconstruction_rates(
     images = []
     for i in range(0, n, batch):
         pixels = to_pixels([render(s) for s in scenes[i : i + batch]])
-        images += to_uint8(adapter.decode_images(adapter.encode_images(pixels)))
+        images.extend(to_uint8(adapter.decode_images(adapter.encode_images(pixels))))
     return detection_rates(scenes, images, ShapesDetector(world), threshold)
