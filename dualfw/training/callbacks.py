@@ -12,6 +12,23 @@ from dualfw.training.datamodule import eval_mode, run_folder
 from dualfw.core.interface import ImageSampling
 
 
+def log_image_grid(
+    trainer: L.Trainer, tag: str, grid: torch.Tensor, step: int, caption: str,
+    caption_tag: str | None = None, key: str | None = None,
+) -> None:
+    """Send an image grid (3, H, W) in [0, 1] and its caption to every logger that takes images:
+    TensorBoard-like ones (`experiment.add_image` under `tag`, the caption through `add_text` under
+    `caption_tag`, default `<tag>/captions`) and those with `log_image` (e.g. W&B, under `key`,
+    default `tag`)."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(tag, grid, step)
+            experiment.add_text(caption_tag or f"{tag}/captions", caption, step)
+        elif hasattr(logger, "log_image"):
+            logger.log_image(key=key or tag, images=[grid], step=step, caption=[caption])
+
+
 class PairImageGrid(L.Callback):
     """After step 1 and every `every_n_steps` after it, a grid of chosen (top row) vs rejected (bottom row) images for the
     first `max_prompts` pairs of the batch: saved as `<run folder>/images/pairs_step{N}.png` and sent
@@ -47,13 +64,7 @@ class PairImageGrid(L.Callback):
         save_image(grid, path)
         caption = " | ".join(prompts)
         tag = "pairs/chosen_rejected_policy" if own_row else "pairs/chosen_top_rejected_bottom"
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image(tag, grid, step)
-                experiment.add_text("pairs/prompts", caption, step)
-            elif hasattr(logger, "log_image"):
-                logger.log_image(key="pairs", images=[grid], step=step, caption=[caption])
+        log_image_grid(trainer, tag, grid, step, caption, caption_tag="pairs/prompts", key="pairs")
 
     @staticmethod
     def _sampling(trainer: L.Trainer, group) -> ImageSampling:
