@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dualfw.eval.detection import Detection
+from dualfw.eval.stats import bootstrap_interval
 from dualfw.eval.geneval import (
     COCO_CLASSES,
     ImageResult,
@@ -292,6 +293,36 @@ def test_confidence_interval_brackets_the_score_and_narrows_with_more_prompts():
     lo4, hi4 = overall_confidence_interval(more, n_boot=500)
     assert (hi4 - lo4) < (hi - lo)
     assert overall_confidence_interval([result("colors", True, "a"), result("colors", True, "b")]) == (1.0, 1.0)
+
+
+def test_bootstrap_interval_matches_the_normal_width_and_checks_its_inputs():
+    rng = np.random.default_rng(4)
+    outcomes = (rng.random(600) < 0.3).astype(float)
+    units = np.stack([outcomes, np.ones_like(outcomes)], axis=1)  # (correct, trials) per unit
+
+    def accuracy(sums):
+        return sums[:, 0] / sums[:, 1]
+
+    p, sd = outcomes.mean(), np.sqrt(outcomes.mean() * (1 - outcomes.mean()) / 600)
+    lo, hi = bootstrap_interval(units, accuracy, n_boot=4000)
+    assert lo < p < hi and (hi - lo) / 2 == pytest.approx(1.96 * sd, rel=0.1)
+    # one trial per unit: resampling the pooled trials is the same distribution
+    plo, phi = bootstrap_interval(units, accuracy, n_boot=4000, pooled=True)
+    assert (plo, phi) == pytest.approx((lo, hi), abs=0.01)
+    # level: a 50% interval is the middle half of a normal's, about 0.674 sd each side
+    mlo, mhi = bootstrap_interval(units, accuracy, level=0.5, n_boot=4000)
+    assert (mhi - mlo) / 2 == pytest.approx(0.674 * sd, rel=0.15)
+    # strata resample on their own: a stratum always right adds no spread to a mean over strata
+    always = np.ones((50, 2))
+    slo, shi = bootstrap_interval([units, always], lambda a, b: (accuracy(a) + accuracy(b)) / 2, n_boot=4000)
+    assert (slo, shi) == pytest.approx(((lo + 1) / 2, (hi + 1) / 2), abs=0.005)
+    # several statistics at once give one interval each; the seed fixes the draws
+    both = bootstrap_interval(units, lambda sums: np.stack([accuracy(sums), 1 - accuracy(sums)]), n_boot=4000)
+    assert both[0] == (lo, hi) and both[1] == pytest.approx((1 - hi, 1 - lo))
+    assert bootstrap_interval(units, accuracy, n_boot=4000) == (lo, hi)
+    assert bootstrap_interval(units, accuracy, n_boot=20, seed=1) != bootstrap_interval(units, accuracy, n_boot=20)
+    with pytest.raises(ValueError, match="successes, trials"):
+        bootstrap_interval(np.ones((5, 3)), accuracy, pooled=True)
 
 
 # ---------------------------------------------------------------------------- metadata files

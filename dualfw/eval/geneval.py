@@ -28,6 +28,7 @@ import numpy as np
 
 from dualfw.core.files import iter_jsonl, write_jsonl
 from dualfw.eval.detection import ColorClassifier, Detection, Detector
+from dualfw.eval.stats import bootstrap_interval
 
 # --------------------------------------------------------------------------------------------------
 # Constants
@@ -60,6 +61,10 @@ COCO_CLASSES: tuple[str, ...] = (
 
 class MetadataError(ValueError):
     """A GenEval metadata line is malformed; the message names the file and the line number."""
+
+
+class MissingColorError(ValueError):
+    """A color clause needs the color of a detection that has none, and no color classifier is given."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +313,7 @@ def _detection_colors(
             out.append(det.color)
             continue
         if color_classifier is None or image is None:
-            raise ValueError(
+            raise MissingColorError(
                 f"a color clause needs the color of a '{det.label}' detection that has no Detection.color; "
                 "pass both `image` and `color_classifier` to score_image"
             )
@@ -520,8 +525,7 @@ def overall_confidence_interval(
         raise ValueError(f"resample must be 'prompts' or 'images', got {resample!r}")
     if not results:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    tag_acc = []
+    strata = []  # per tag: (correct images, images) of each prompt
     for tag in _tag_order(r.tag for r in results):
         per_prompt: dict[str, list[int]] = {}
         for r in results:
@@ -529,18 +533,12 @@ def overall_confidence_interval(
                 c_n = per_prompt.setdefault(r.key or r.prompt, [0, 0])
                 c_n[0] += int(r.correct)
                 c_n[1] += 1
-        arr = np.array(list(per_prompt.values()), dtype=np.float64)  # (prompts, 2)
-        if resample == "images":
-            n, c = int(arr[:, 1].sum()), arr[:, 0].sum()
-            tag_acc.append(rng.binomial(n, c / n, size=n_boot) / n)  # = resampling the tag's images
-            continue
-        idx = rng.integers(0, len(arr), size=(n_boot, len(arr)))
-        sums = arr[idx].sum(axis=1)  # (n_boot, 2): correct images, images
-        tag_acc.append(sums[:, 0] / sums[:, 1])
-    overall = np.mean(np.stack(tag_acc), axis=0)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(overall, [alpha, 1.0 - alpha])
-    return (float(low), float(high))
+        strata.append(np.array(list(per_prompt.values()), dtype=np.float64))
+
+    def overall(*tags: np.ndarray) -> np.ndarray:
+        return np.mean(np.stack([sums[:, 0] / sums[:, 1] for sums in tags]), axis=0)
+
+    return bootstrap_interval(strata, overall, level, n_boot, seed, pooled=resample == "images")
 
 
 # --------------------------------------------------------------------------------------------------
