@@ -17,7 +17,6 @@ from dualfw.eval.backends import (
     MissingWeightsError,
     OpenClipColorClassifier,
     OpenClipScore,
-    build_backend,
     crop_detection,
     make_fid,
     make_torchmetrics_clip_score,
@@ -159,17 +158,61 @@ def test_crop_detection_pixels():
     assert tuple(crop[0, 1]) == tuple(image[3, 3]) and tuple(crop[0, 0]) == (153, 153, 153)
 
 
+def _hand_cosines(model, preprocess, tokenizer, crop: np.ndarray, object_name: str) -> tuple[np.ndarray, torch.Tensor]:
+    """GenEval's color rule computed directly: the cosine between the crop's embedding and each
+    color's mean of the normalised embeddings of the three official templates; and those color
+    embeddings (colors, embed_dim)."""
+    from PIL import Image
+
+    with torch.no_grad():
+        feats = model.encode_image(preprocess(Image.fromarray(crop))[None])[0]
+        feats = feats / feats.norm()
+        columns = []
+        for color in COLORS:
+            texts = [f"a photo of a {color} {object_name}", f"a photo of a {color}-colored {object_name}",
+                     f"a photo of a {color} object"]
+            emb = model.encode_text(tokenizer(texts))
+            mean = (emb / emb.norm(dim=-1, keepdim=True)).mean(0)
+            columns.append(mean / mean.norm())
+        text = torch.stack(columns)
+    return (text @ feats).numpy(), text
+
+
 def test_open_clip_color_classifier_from_local_weights(tiny_open_clip):
+    from itertools import combinations
+
+    import open_clip
+
     name, config, weights = tiny_open_clip
     clf = OpenClipColorClassifier(model_name=name, weights=str(weights))
-    image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
-    dets = [Detection("car", (0, 0, 20, 20), 0.9), Detection("car", (10, 5, 40, 30), 0.8)]
-    got = clf.classify(image, dets, COLORS)
-    assert len(got) == 2 and set(got) <= set(COLORS)
-    assert clf.text_classifier("car").shape == (16, len(COLORS))
-    # Usable by the GenEval rule as is.
-    meta = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": got[0]}], "prompt": "x"}
-    assert score_image(meta, dets[:1], image, clf).correct
+    image = np.zeros((40, 48, 3), np.uint8)
+    boxes = [(0, 0, 16, 20), (16, 0, 32, 20), (32, 0, 48, 20), (0, 20, 16, 40), (16, 20, 32, 40), (32, 20, 48, 40)]
+    solid = [(220, 20, 20), (20, 200, 40), (30, 40, 230), (240, 240, 240), (10, 10, 10), (250, 200, 0)]
+    for (x1, y1, x2, y2), rgb in zip(boxes, solid):
+        image[y1:y2, x1:x2] = rgb
+    dets = [Detection("car", box, 0.9) for box in boxes]
+    # the expectation from the same weights loaded separately, crops sliced from the array
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(weights))
+    tokenizer = open_clip.get_tokenizer(name)
+    hand = [_hand_cosines(model.eval(), preprocess, tokenizer, image[y1:y2, x1:x2], "car") for x1, y1, x2, y2 in boxes]
+    cosines = np.stack([c for c, _ in hand])  # (crops, colors)
+    assert torch.allclose(clf.text_classifier("car"), hand[0][1].T, atol=1e-6)
+    assert clf.classify(image, dets, COLORS) == [COLORS[i] for i in cosines.argmax(1)]
+    # every choice between two colors, where the crops differ: a classifier that ignored the
+    # image (or the crop) would fail some of them
+    disagree = 0
+    for a, b in combinations(range(len(COLORS)), 2):
+        pair = [COLORS[a], COLORS[b]]
+        expected = [pair[int(c[b] > c[a])] for c in cosines]
+        assert clf.classify(image, dets, pair) == expected, pair
+        disagree += len(set(expected)) > 1
+    assert disagree > 0
+    # Usable by the GenEval rule as is: right for the color it sees, wrong for another one.
+    seen = COLORS[int(cosines[0].argmax())]
+    other = next(c for c in COLORS if c != seen)
+    for color, correct in ((seen, True), (other, False)):
+        meta = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": color}], "prompt": "x"}
+        assert score_image(meta, dets[:1], image, clf).correct is correct
 
 
 def test_open_clip_missing_weights_name_the_config_key(tiny_open_clip, tmp_path):
@@ -310,20 +353,3 @@ def test_fid_inception_from_local_weights_without_download(tmp_path, monkeypatch
     fid.update(imgs, real=True)
     fid.update(imgs, real=False)
     assert float(fid.compute()) == pytest.approx(0.0, abs=1e-2)
-
-
-# ---------------------------------------------------------------------------- selection by config
-
-
-def test_build_backend_by_name_and_dotted_path(tiny_open_clip):
-    name, _, weights = tiny_open_clip
-    spec = {"class_path": "OpenClipColorClassifier", "init_args": {"model_name": name, "weights": str(weights)}}
-    clf = build_backend(spec)
-    assert isinstance(clf, OpenClipColorClassifier)
-    fid = build_backend({"class_path": "fid", "init_args": {"feature_extractor": MeanColor()}})
-    assert type(fid).__name__ == "FrechetInceptionDistance"
-    assert isinstance(build_backend({"class_path": "torch.nn.Identity"}), torch.nn.Identity)
-    with pytest.raises(MissingWeightsError, match=r"detector\.init_args\.path"):
-        build_backend({"class_path": "HFZeroShotDetector", "init_args": {"path": "/nonexistent/owl"}})
-    with pytest.raises(ValueError, match="unknown backend"):
-        build_backend({"class_path": "NoSuchBackend"})

@@ -4,21 +4,20 @@
   a `ColorClassifier`.
 - `HFZeroShotDetector`: an open-vocabulary detector from a local transformers folder (OWL-ViT,
   OWLv2; Grounding-DINO-like models through the processor's grounded post-processing), a `Detector`.
-- `OpenClipScore` and `make_torchmetrics_clip_score`: CLIPScore.
+- `OpenClipScore` and `make_torchmetrics_clip_score`: CLIPScore (`GenEvalCallback.clip_score`).
 - `make_fid`: torchmetrics FrechetInceptionDistance with a user feature extractor or a local
-  Inception weights file.
+  Inception weights file (`GenEvalCallback.fid_reference`).
 
 Each class is built from plain init arguments so that a config can select it
-(`class_path` + `init_args`, see `build_backend`). A missing weights path raises
-`MissingWeightsError` naming the config key to set.
+(`class_path` + `init_args`). A missing weights path raises `MissingWeightsError` naming the
+config key to set.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -402,6 +401,7 @@ def make_fid(
     feature: int = 2048,
     normalize: bool = False,
     config_key: str = "fid.init_args.feature_extractor_weights_path",
+    reset_real_features: bool = True,
 ):
     """torchmetrics FrechetInceptionDistance.
 
@@ -409,38 +409,16 @@ def make_fid(
     is used as is. Otherwise the torch-fidelity InceptionV3 is built from the LOCAL weights file
     `feature_extractor_weights_path` (the `pt_inception-2015-12-05` state dict); a missing path
     raises MissingWeightsError naming `config_key` instead of letting torch-fidelity download.
-    `normalize=True`: images are floats in [0, 1] (else uint8)."""
+    `normalize=True`: images are floats in [0, 1] (else uint8). `reset_real_features=False`: the
+    reference (real) features survive `reset()`, so one reference serves many evaluations."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if feature_extractor is not None:
-        return FrechetInceptionDistance(feature=feature_extractor, normalize=normalize)
+        return FrechetInceptionDistance(
+            feature=feature_extractor, normalize=normalize, reset_real_features=reset_real_features
+        )
     path = require_local_path(feature_extractor_weights_path, config_key)
-    return FrechetInceptionDistance(feature=feature, normalize=normalize, feature_extractor_weights_path=str(path))
-
-
-# --------------------------------------------------------------------------------------------------
-# Selection by config
-# --------------------------------------------------------------------------------------------------
-
-BACKENDS: dict[str, Callable[..., Any]] = {
-    "OpenClipColorClassifier": OpenClipColorClassifier,
-    "HFZeroShotDetector": HFZeroShotDetector,
-    "OpenClipScore": OpenClipScore,
-    "torchmetrics_clip_score": make_torchmetrics_clip_score,
-    "fid": make_fid,
-}
-
-
-def build_backend(spec: Mapping[str, Any]) -> Any:
-    """Build a backend from `{"class_path": name, "init_args": {...}}`. `name` is a key of BACKENDS
-    or a dotted import path ("pkg.module.Class") to a user class or factory."""
-    if "class_path" not in spec:
-        raise ValueError(f"backend spec needs 'class_path', got keys {sorted(spec)}")
-    name = str(spec["class_path"])
-    init_args = dict(spec.get("init_args") or {})
-    if name in BACKENDS:
-        return BACKENDS[name](**init_args)
-    module_name, _, attr = name.rpartition(".")
-    if not module_name:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)} or a dotted import path")
-    return getattr(importlib.import_module(module_name), attr)(**init_args)
+    return FrechetInceptionDistance(
+        feature=feature, normalize=normalize, reset_real_features=reset_real_features,
+        feature_extractor_weights_path=str(path),
+    )
