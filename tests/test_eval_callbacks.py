@@ -16,13 +16,16 @@ from PIL import Image
 
 from dualfw.cli import cli_main, main
 from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.core.files import read_jsonl
+from dualfw.core.interface import ImageSampling
+from dualfw.eval.backends import OpenClipScore
 from dualfw.eval.callbacks import GenEvalCallback, PopeCallback
-from dualfw.shapes.pope_set import ShapesPopeSet
-from dualfw.eval.geneval import evaluate_folder, read_metadata, summarize
+from dualfw.eval.geneval import evaluate_folder, read_geneval_folder, read_metadata, summarize
 from dualfw.eval.pope import evaluate_answers, read_questions
+from dualfw.eval.runners import run_geneval, sample_batches
 from dualfw.shapes import ShapesDetector, scene_for_record
-from dualfw.shapes.pope_set import build_shapes_pope_set
-from dualfw.shapes.text import generate_geneval_prompts, read_jsonl
+from dualfw.shapes.pope_set import ShapesPopeSet, build_shapes_pope_set
+from dualfw.shapes.text import generate_geneval_prompts
 from dualfw.shapes.world import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +231,7 @@ def test_a_perfect_model_scores_one_and_a_blank_one_zero(tmp_path, pope_set):
         assert m["n"] == len(questions) and (m["accuracy"], m["f1"], m["yes_ratio"]) == (1.0, 1.0, 0.5)
         assert len((run / m["answer_file"]).read_text().splitlines()) == len(questions)
         assert results[f"pope/{split}/accuracy"] == 1.0
+    assert report["pope"]["average"]["accuracy_ci95"] == [1.0, 1.0]
 
     blank = GenEvalCallback(metadata="dualfw:assets/shapes_geneval.jsonl", images_per_prompt=1, max_prompts=6, detector=ShapesDetector())
     yes = PopeCallback(source=ShapesPopeSet(folder=str(pope_set), num_images=6, seed=3), max_questions=10)
@@ -271,6 +275,134 @@ def test_callbacks_run_every_n_steps_during_fit_in_eval_mode_without_grad(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------
+# The GenEval runner: best-of-K by a reward; CLIPScore and FID of the callback's images
+# --------------------------------------------------------------------------------------------------
+
+
+class HalfBlank(ShapesOracle):
+    """Draws the prompt's scene for even samples and a blank image for odd ones."""
+
+    def decode_images(self, tokens):
+        images = super().decode_images(tokens)
+        images[tokens[:, 1] % 2 == 1] = 128 / 255
+        return images
+
+
+class ParityScorer:
+    """Rewards a sample by the parity of its index: even ones (drawn) or odd ones (blank)."""
+
+    def __init__(self, prefer_even: bool) -> None:
+        self.prefer_even = prefer_even
+
+    def image_rewards(self, tokens, prompts):
+        even = (tokens[:, 1] % 2 == 0).float()
+        return even if self.prefer_even else 1 - even
+
+
+def test_best_of_k_keeps_the_rewarded_sample_and_knows_the_oracle_and_auc():
+    prompts = read_metadata(SHAPES_META)[:5]
+    batches = sample_batches(prompts, k=2, prompts_per_batch=2, seed=0)
+    assert [len(b.prompts) for b in batches] == [2, 2, 1] and len({b.seed for b in batches}) == 3
+    for prefer_even, right in ((True, True), (False, False)):
+        run = run_geneval(HalfBlank(), batches, ImageSampling(), ShapesDetector(), best_of=2, scorer=ParityScorer(prefer_even))
+        assert [p.prompt for p in run.prompts] == [p.prompt for p in prompts]
+        assert len(run.lenient) == len(run.strict) == 10 and all(r.correct is right for r in run.lenient)
+        # the judged images are the rewarded ones: drawn scenes or plain grey
+        assert all(images.shape == (2, 32, 32, 3) for images in run.images)
+        assert all((images.reshape(2, -1) != 128).any(1).all() == right for images in run.images)
+        # every slot had one drawn and one blank candidate
+        assert run.candidates_correct("lenient").tolist() == [[True, False]] * 10
+        assert all(r.correct for r in run.oracle("lenient"))
+        assert run.reward_auc("lenient") == (1.0 if prefer_even else 0.0)
+        assert run.reward_auc("strict", tag="single_object") == (1.0 if prefer_even else 0.0)
+    with pytest.raises(ValueError, match="needs a scorer"):
+        run_geneval(HalfBlank(), batches, ImageSampling(), ShapesDetector(), best_of=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random tiny open_clip model (no weights file, nothing downloaded)."""
+    import open_clip
+
+    config = tmp_path_factory.mktemp("clip") / "DualfwTinyEvalCLIP.json"
+    config.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("DualfwTinyEvalCLIP", pretrained=None)
+    return model.eval(), preprocess, open_clip.get_tokenizer("DualfwTinyEvalCLIP")
+
+
+def test_geneval_callback_reports_the_clip_score_of_its_images(tmp_path, tiny_clip):
+    model, preprocess, tokenizer = tiny_clip
+    geneval = GenEvalCallback(
+        metadata=str(SHAPES_META), images_per_prompt=2, max_prompts=3, detector=ShapesDetector(),
+        clip_score=OpenClipScore.from_model(model, preprocess, tokenizer),
+    )
+    results = _trainer(tmp_path, [geneval]).test(Holder(ShapesOracle()), dataloaders=[0], verbose=False)[0]
+    run = tmp_path / "r" / "v"
+    report = json.loads((run / "report.json").read_text())
+    # the same value by hand from the exported PNGs: 100 * max(cos(image, prompt), 0), averaged
+    cosines = []
+    with torch.no_grad():
+        for prompt, files in read_geneval_folder(run / "geneval" / "test"):
+            text = model.encode_text(tokenizer([prompt.prompt]))[0]
+            for f in files:
+                with Image.open(f) as im:
+                    image = model.encode_image(preprocess(im.convert("RGB"))[None])[0]
+                cosines.append(float(image @ text / (image.norm() * text.norm())))
+    assert len(cosines) == 6 and min(cosines) < 0 < max(cosines)  # the clipping at 0 matters
+    scores = [max(100 * c, 0.0) for c in cosines]
+    assert report["geneval"]["clip_score"] == pytest.approx(np.mean(scores), rel=1e-5)
+    assert results["geneval/clip_score"] == pytest.approx(np.mean(scores), rel=1e-5)
+    assert "CLIPScore (mean over images)" in (run / "report.md").read_text()
+
+
+class ChannelMeans(torch.nn.Module):
+    """FID features: the mean of each color channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(dim=(2, 3))
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of two Gaussians fitted to feature rows: |mu_a - mu_b|^2 + Tr(Sa + Sb - 2 (Sa Sb)^1/2)."""
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = np.sqrt(np.clip(np.linalg.eigvals(sa @ sb).real, 0, None)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * root)
+
+
+def test_geneval_callback_reports_fid_against_a_reference_folder(tmp_path):
+    def evaluate(folder: Path, **kwargs) -> dict:
+        geneval = GenEvalCallback(metadata=str(SHAPES_META), images_per_prompt=2, max_prompts=12, detector=ShapesDetector(), **kwargs)
+        _trainer(folder, [geneval]).test(Holder(ShapesOracle()), dataloaders=[0], verbose=False)
+        return json.loads((folder / "r" / "v" / "report.json").read_text())["geneval"]
+
+    exported = tmp_path / "plain" / "r" / "v" / "geneval" / "test"
+    evaluate(tmp_path / "plain")
+    pngs = sorted(exported.rglob("*.png"))
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in pngs]
+    assert len(images) == 24
+    # against the very images it draws: ~0
+    same = evaluate(tmp_path / "same", fid_reference=str(exported), fid_features=ChannelMeans())
+    assert same["fid"]["score"] == pytest.approx(0.0, abs=1e-4) and same["fid"]["reference_images"] == 24
+    assert same["fid"]["features"] == "ChannelMeans"
+    # against the same scenes darkened: the Frechet distance of the channel means
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image // 2).save(shifted / f"{i:03d}.png")
+    far = evaluate(tmp_path / "far", fid_reference=str(shifted), fid_features=ChannelMeans())
+    features = np.stack([im.reshape(-1, 3).mean(0) / 255 for im in images])
+    darker = np.stack([(im // 2).reshape(-1, 3).mean(0) / 255 for im in images])
+    assert far["fid"]["score"] > 0.01
+    assert far["fid"]["score"] == pytest.approx(_frechet(features, darker), rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
 # Inputs: shipped Shapes suite, Shapes POPE set, bad configs
 # --------------------------------------------------------------------------------------------------
 
@@ -301,6 +433,12 @@ def test_bad_callback_inputs_name_the_file_key_or_line(tmp_path, pope_set):
         GenEvalCallback()
     with pytest.raises(ConfigError, match=r"GenEvalCallback\.detector is not set"):
         GenEvalCallback(metadata=str(SHAPES_META))
+    with pytest.raises(MissingFileError, match=r"set GenEvalCallback\.fid_reference"):
+        GenEvalCallback(metadata=str(SHAPES_META), detector=ShapesDetector(), fid_reference=str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match=r"GenEvalCallback\.fid_reference is not set"):
+        GenEvalCallback(metadata=str(SHAPES_META), detector=ShapesDetector(), fid_features=torch.nn.Identity())
+    with pytest.raises(ConfigError, match=r"GenEvalCallback\.fid_inception_weights is not set"):
+        GenEvalCallback(metadata=str(SHAPES_META), detector=ShapesDetector(), fid_reference=str(pope_set / "images"))
 
     questions = {"random": str(pope_set / "shapes_pope_random.jsonl")}
     with pytest.raises(ConfigError, match=r"PopeCallback\.image_folder is not set"):

@@ -26,6 +26,7 @@ from dualfw.eval.pope import (
     write_answers,
     write_questions,
 )
+from dualfw.eval.runners import answer_pope, image_counts, score_pope
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pope"
 needs_shared = pytest.mark.skipif(
@@ -117,6 +118,58 @@ def questions(n_pairs: int = 3) -> list[PopeQuestion]:
         out.append(PopeQuestion(2 * i + 1, f"img{i}.jpg", question_text("dog"), "yes"))
         out.append(PopeQuestion(2 * i + 2, f"img{i}.jpg", question_text("apple"), "no"))
     return out
+
+
+def test_image_counts_and_score_pope_against_hand_counts():
+    qs = [
+        PopeQuestion(1, "b.png", "Is there a cat in the image?", "yes"),
+        PopeQuestion(2, "a.png", "Is there a cat in the image?", "no"),
+        PopeQuestion(3, "b.png", "Is there a dog in the image?", "no"),
+        PopeQuestion(4, "a.png", "Is there a dog in the image?", "yes"),
+    ]
+    answers = ["Yes, there is.", "Yes.", "No", "no, none"]
+    predictions = ["yes", "yes", "no", "no"]
+    # rows in order of first appearance: b (tp, tn), a (fp, fn)
+    assert image_counts(qs, predictions).tolist() == [[1, 0, 2, 1, 2], [0, 1, 0, 1, 2]]
+    assert image_counts(qs, predictions, images=["a.png", "c.png", "b.png"]).tolist() == [
+        [0, 1, 0, 1, 2], [0, 0, 0, 0, 0], [1, 0, 2, 1, 2]]
+    with pytest.raises(ValueError, match="'b.png', which is not among"):
+        image_counts(qs, predictions, images=["a.png"])
+    scores = score_pope({"x": qs, "y": qs[:2]}, {"x": answers, "y": answers[:2]})
+    x = scores.splits["x"]
+    assert x.predictions == predictions and x.metrics == pope_metrics(predictions, [q.label for q in qs])
+    assert (x.metrics.accuracy, x.metrics.f1) == (0.5, 0.5)
+    # two images: a replicate draws (b, b), (a, a) or one of each, so accuracy is 1, 0 or 1/2
+    assert x.accuracy_ci95 == (0.0, 1.0) and x.f1_ci95 == (0.0, 1.0)
+    assert scores.mean_accuracy == pytest.approx((0.5 + 0.5) / 2) and scores.mean_f1 == pytest.approx((0.5 + 2 / 3) / 2)
+    assert scores.mean_accuracy_ci95 is not None  # both splits ask about a and b
+    only_b = score_pope({"x": qs, "y": [qs[0]]}, {"x": answers, "y": answers[:1]})
+    assert only_b.mean_accuracy_ci95 is None  # y asks about b only: no joint resampling
+    assert score_pope({"x": qs}, {"x": ["unsure"] * 4}, parser="strict").splits["x"].metrics.accuracy == 0.0
+    with pytest.raises(ValueError, match="4 questions but 3 answers"):
+        score_pope({"x": qs}, {"x": answers[:3]})
+
+
+def test_answer_pope_asks_each_text_once_per_batch_in_question_order():
+    import torch
+
+    class Model:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.calls = []
+
+        def sample_texts(self, pixels, k, instruction, sampling):
+            self.calls.append((instruction, pixels[:, 0, 0, 0].tolist(), sampling.temperature, sampling.max_new_tokens))
+            return [[f"{instruction} {int(v)}"] for v in pixels[:, 0, 0, 0].tolist()]
+
+    images = {name: torch.full((3, 2, 2), float(i)) for i, name in enumerate(["a", "b", "c"])}
+    qs = [PopeQuestion(i + 1, name, text, "yes") for i, (name, text) in enumerate(
+        [("a", "cat?"), ("b", "dog?"), ("b", "cat?"), ("c", "cat?"), ("a", "dog?")])]
+    model = Model()
+    out = answer_pope(model, qs, images.__getitem__, instruction="Q: {question}", max_new_tokens=3, batch_size=2)
+    assert out == ["Q: cat? 0", "Q: dog? 1", "Q: cat? 1", "Q: cat? 2", "Q: dog? 0"]
+    assert model.calls == [("Q: cat?", [0, 1], 0.0, 3), ("Q: cat?", [2], 0.0, 3), ("Q: dog?", [1, 0], 0.0, 3)]
 
 
 def test_write_and_score_answer_file(tmp_path):

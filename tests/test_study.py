@@ -13,9 +13,10 @@ from dualfw.core.errors import ConfigError
 from dualfw.eval.geneval import ImageResult, overall_confidence_interval
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.training.scorer import RandomScorer
-from dualfw.shapes.evaluate import image_bootstrap_ci, within_group_auc
+from dualfw.eval.pixels import to_pixels
+from dualfw.eval.pope import PopeQuestion
+from dualfw.eval.runners import score_pope, within_group_auc
 from dualfw.shapes.oracle import OracleScorer
-from dualfw.shapes.sft import to_pixels
 from dualfw.shapes.text import enumerate_geneval_prompts
 from dualfw.shapes.world import WorldConfig, render, scene_for_record
 
@@ -122,12 +123,43 @@ def test_image_resampling_interval_matches_the_binomial_width():
 
 
 def test_pope_interval_resamples_images_and_averages_splits():
-    # split A: every image right; split B: right on half of the images
-    a = np.tile([[4.0, 4.0]], (50, 1))
-    b = np.array([[4.0, 4.0] if i % 2 else [0.0, 4.0] for i in range(50)])
-    (alo, ahi), (mlo, mhi) = image_bootstrap_ci([a, b])
-    assert alo == ahi == 1.0
-    assert mlo < 0.75 < mhi and mhi - mlo < 0.2
+    # 50 images, 4 questions each; split A: every answer right; split B: right on half of the images
+    names = [f"{i:05d}.png" for i in range(50)]
+    questions = {
+        split: [PopeQuestion(4 * i + j + 1, name, f"q{j}", "yes" if j % 2 else "no") for i, name in enumerate(names) for j in range(4)]
+        for split in ("a", "b")
+    }
+    right = {"a": lambda i: True, "b": lambda i: i % 2 == 1}
+    answers = {
+        split: [q.label if right[split](int(q.image[:5])) else {"yes": "no", "no": "yes"}[q.label] for q in qs]
+        for split, qs in questions.items()
+    }
+    scores = score_pope(questions, answers, images=names)
+    assert scores.splits["a"].accuracy_ci95 == (1.0, 1.0)
+    assert (scores.splits["b"].metrics.accuracy, scores.mean_accuracy) == (0.5, 0.75)
+    lo, hi = scores.mean_accuracy_ci95
+    assert lo < 0.75 < hi and hi - lo < 0.2
+    # the mean resamples images jointly: its replicates are (1 + b's) / 2, so its interval is half b's
+    b_lo, b_hi = scores.splits["b"].accuracy_ci95
+    assert (lo, hi) == pytest.approx(((1 + b_lo) / 2, (1 + b_hi) / 2))
+    # b's accuracy interval: the binomial spread of 25 right images out of 50, resampled
+    sd = np.sqrt(0.25 / 50)
+    assert (b_hi - b_lo) / 2 == pytest.approx(1.96 * sd, rel=0.15)
+
+
+def test_shapes_batches_cover_every_prompt_with_the_documented_seeds():
+    from dualfw.shapes.evaluate import shapes_batches
+    from dualfw.shapes.text import TAGS
+
+    world = WorldConfig(resolution=32)
+    records = enumerate_geneval_prompts(world)
+    batches = shapes_batches(world, images_per_tag=30, seed=2, prompts_per_batch=16)
+    assert [p.prompt for b in batches for p in b.prompts] == [r["prompt"] for r in records]  # tag after tag
+    for t, tag in enumerate(TAGS):
+        mine = [b for b in batches if b.prompts[0].tag == tag]
+        n = sum(r["tag"] == tag for r in records)
+        assert [b.seed for b in mine] == [2000 + 100 * t + start for start in range(0, n, 16)]
+        assert {b.k for b in mine} == {-(-30 // n)} and all(p.tag == tag for b in mine for p in b.prompts)
 
 
 def _fit(tmp_path, *extra):

@@ -22,7 +22,9 @@ Files written into the run folder (`dualfw.training.datamodule.run_folder`), `<l
     report.json, report.md            (test only) scores, 95% intervals, the command line
 
 The model is the LightningModule's `.model` (a `dualfw.core.interface.LMMAdapter`): GenEval uses
-`sample_images` + `decode_images`, POPE uses `sample_texts` (greedy) and `image_size`.
+`sample_images` + `decode_images`, POPE uses `sample_texts` (greedy) and `image_size`. The work
+itself is `dualfw.eval.runners` (usable without a Trainer); these callbacks schedule it, write the
+files and log the scores.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sys
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Sequence
 
@@ -43,41 +45,43 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from dualfw.training.datamodule import run_folder
-from dualfw.training.images import load_image
-from dualfw.core.files import resolve_path
 from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.core.files import resolve_path
+from dualfw.core.interface import ImageSampling
+from dualfw.training.callbacks import log_image_grid
+from dualfw.training.datamodule import eval_mode, run_folder
+from dualfw.training.images import list_images, load_image
+from dualfw.eval.backends import OpenClipScore, make_fid
 from dualfw.eval.detection import ColorClassifier, Detection, Detector
 from dualfw.eval.geneval import (
     TAGS,
     GenEvalPrompt,
     ImageResult,
     MetadataError,
+    MissingColorError,
     export_geneval_folder,
-    overall_confidence_interval,
     read_metadata,
-    score_image,
-    summarize,
     write_results,
 )
-from dualfw.eval.pope import (
-    PopeFormatError,
-    PopeQuestion,
-    parse_answer_official,
-    parse_answer_strict,
-    pope_metrics,
-    read_questions,
-    write_answers,
-    write_questions,
+from dualfw.eval.pixels import to_pixels
+from dualfw.eval.pope import PopeFormatError, PopeQuestion, read_questions, write_answers, write_questions
+from dualfw.eval.runners import (
+    PARSERS,
+    GenEvalScores,
+    add_fid_reference,
+    answer_pope,
+    fid_of,
+    geneval_scores,
+    mean_clip_score,
+    run_geneval,
+    sample_batches,
+    score_pope,
 )
-from dualfw.core.interface import ImageSampling, TextSampling
 
 # Any callable with the protocols' call signature is accepted too (jsonargparse checks protocols by
 # exact signature, and e.g. ShapesDetector's `classes` is optional).
 DetectorLike = Callable[[np.ndarray, Sequence[str]], list[Detection]]
 ColorClassifierLike = Callable[[np.ndarray, Detection, Sequence[str]], str]
-
-PARSERS: dict[str, Callable[[str], str]] = {"official": parse_answer_official, "strict": parse_answer_strict}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,31 +99,8 @@ def command_line() -> str:
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """Pixels (n, 3, H, W) in [0, 1] -> uint8 (n, H, W, 3), the values a saved PNG holds."""
-    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def log_image_grid(trainer: L.Trainer, tag: str, grid: torch.Tensor, step: int, caption: str) -> None:
-    """Send an image grid (3, H, W) in [0, 1] to every logger that takes images (TensorBoard's
-    `add_image`, or a logger with `log_image` such as W&B)."""
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image(tag, grid, step)
-            experiment.add_text(f"{tag}/captions", caption, step)
-        elif hasattr(logger, "log_image"):
-            logger.log_image(key=tag, images=[grid], step=step, caption=[caption])
-
-
 def _selection(n: int, limit: int | None) -> int:
     return n if limit is None else min(n, limit)
-
-
-def _interval(values: np.ndarray, level: float = 0.95) -> list[float]:
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(values, [alpha, 1.0 - alpha])
-    return [float(low), float(high)]
 
 
 # Reports: one per Trainer, so that GenEval and POPE sections of one `dualfw test` land in the same
@@ -191,6 +172,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"{_fmt(g['prompt_accuracy'])}%; mean detected objects per image: {g['mean_objects']:.2f}. "
             "Overall is the mean of the per-tag scores (official rule); strict also fails extra objects.",
         ]
+        if g.get("clip_score") is not None:
+            lines += ["", f"CLIPScore (mean over images): {g['clip_score']:.2f}."]
+        if g.get("fid"):
+            f = g["fid"]
+            lines += [
+                "",
+                f"FID against `{f['reference']}` ({f['reference_images']} images, {f['features']} features): {f['score']:.3f}.",
+            ]
     p = report.get("pope")
     if p:
         lines += [
@@ -208,7 +197,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 f"{_fmt(m['recall'])} | {_fmt(m['f1'])} | {_fmt_ci(m['f1_ci95'])} | {_fmt(m['yes_ratio'])} | {m['n']} |"
             )
         if len(p["splits"]) > 1:
-            lines.append(f"| **average** | {_fmt(p['average']['accuracy'])} | | | | {_fmt(p['average']['f1'])} | | | |")
+            ci = _fmt_ci(p["average"]["accuracy_ci95"]) if p["average"].get("accuracy_ci95") else ""
+            lines.append(f"| **average** | {_fmt(p['average']['accuracy'])} | {ci} | | | {_fmt(p['average']['f1'])} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,16 +215,6 @@ class _EvalCallback(L.Callback):
         self.last: dict[str, float] = {}  # the metrics of the latest evaluation
         self._evaluated_step = -1  # with gradient accumulation several batches end on one step
 
-    @contextmanager
-    def _eval_mode(self, pl_module: L.LightningModule) -> Iterator[None]:
-        was_training = pl_module.training
-        pl_module.eval()
-        try:  # the training step's precision, as the rollouts (SelfRewardStream) use
-            with torch.no_grad(), pl_module.trainer.precision_plugin.forward_context():
-                yield
-        finally:
-            pl_module.train(was_training)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step  # counts this batch's optimizer step: 1, 2, ...
         if not self.every_n_steps or step == 0 or step % self.every_n_steps or not trainer.is_global_zero:
@@ -242,7 +222,7 @@ class _EvalCallback(L.Callback):
         if getattr(trainer, "sanity_checking", False) or step == self._evaluated_step:
             return
         self._evaluated_step = step
-        with self._eval_mode(pl_module):
+        with self._evaluating(trainer, pl_module):
             metrics = self.evaluate(trainer, pl_module, label=f"step{step:06d}", fit=True)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -251,9 +231,16 @@ class _EvalCallback(L.Callback):
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        with self._eval_mode(pl_module):
+        with self._evaluating(trainer, pl_module):
             metrics = self.evaluate(trainer, pl_module, label="test", fit=False)
         pl_module.log_dict(metrics, rank_zero_only=True)
+
+    @staticmethod
+    @contextmanager
+    def _evaluating(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+        """Eval mode, no gradients and the training step's precision, as the rollouts sample."""
+        with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            yield
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, fit: bool) -> dict[str, float]:
         raise NotImplementedError
@@ -303,6 +290,16 @@ class GenEvalCallback(_EvalCallback):
         export: write the official folder layout (and per-image results) into the run folder.
         grid_prompts: prompts shown in the logged image grid (one row each).
         name: prefix of the logged metrics and of the folders written.
+        clip_score: also report the mean CLIPScore of the generated images against their prompts
+            (`<name>/clip_score`), e.g. `dualfw.eval.backends.OpenClipScore` with local weights.
+        fid_reference: also report the FID of the generated images against these reference images
+            (`<name>/fid`): a folder of images (or a JSON-lines list of them), read at the size
+            of the generated images. Features: `fid_features`, else InceptionV3 from
+            `fid_inception_weights`.
+        fid_features: the FID feature extractor, a module mapping images (n, 3, H, W) in [0, 1]
+            to features (n, d).
+        fid_inception_weights: local torch-fidelity InceptionV3 weights file
+            (pt_inception-2015-12-05), the standard FID features, when `fid_features` is not set.
     """
 
     def __init__(
@@ -321,6 +318,10 @@ class GenEvalCallback(_EvalCallback):
         export: bool = True,
         grid_prompts: int = 8,
         name: str = "geneval",
+        clip_score: OpenClipScore | None = None,
+        fid_reference: str | None = None,
+        fid_features: torch.nn.Module | None = None,
+        fid_inception_weights: str | None = None,
     ) -> None:
         super().__init__(every_n_steps)
         where = "GenEvalCallback"
@@ -354,6 +355,20 @@ class GenEvalCallback(_EvalCallback):
         self.export, self.grid_prompts, self.name = export, grid_prompts, name
         self.order = interleave_tags(self.prompts)
         self.results: list[ImageResult] = []  # latest per-image verdicts (official judge)
+        self.clip_score, self.fid_reference = clip_score, fid_reference
+        self._fid, self._fid_files, self._fid_read = None, [], 0
+        if fid_reference is not None:  # check now: a bad path fails before any model loads
+            self._fid_files = list_images(fid_reference, key=f"{where}.fid_reference")
+            self._fid = make_fid(
+                feature_extractor=fid_features,
+                feature_extractor_weights_path=fid_inception_weights,
+                normalize=True,
+                reset_real_features=False,
+                config_key=f"{where}.fid_inception_weights",
+            )
+            self._fid_features = type(fid_features).__name__ if fid_features is not None else "InceptionV3"
+        elif fid_features is not None or fid_inception_weights is not None:
+            raise ConfigError(f"{where}.fid_reference is not set: FID needs a folder of reference images")
 
     def selected(self, fit: bool) -> list[GenEvalPrompt]:
         """The prompts an evaluation uses (in evaluation order)."""
@@ -362,92 +377,96 @@ class GenEvalCallback(_EvalCallback):
             n = _selection(n, self.fit_max_prompts)
         return [self.prompts[i] for i in self.order[:n]]
 
-    def generate(self, model: Any, prompts: Sequence[GenEvalPrompt]) -> np.ndarray:
-        """uint8 samples (len(prompts), images_per_prompt, H, W, 3)."""
-        out = []
-        k = self.images_per_prompt
-        for b, start in enumerate(range(0, len(prompts), self.prompts_per_batch)):
-            chunk = prompts[start : start + self.prompts_per_batch]
-            seed = int(np.random.SeedSequence([self.seed, b]).generate_state(1)[0])
-            tokens = model.sample_images([p.prompt for p in chunk], k, self.sampling, seed=seed)
-            pixels = model.decode_images(tokens.flatten(0, 1))
-            arr = to_uint8(pixels)
-            out.append(arr.reshape(len(chunk), k, *arr.shape[1:]))
-        return np.concatenate(out)
-
-    def score(
-        self, prompts: Sequence[GenEvalPrompt], images: np.ndarray, folder: Path | None
-    ) -> tuple[list[ImageResult], list[ImageResult]]:
-        """(official, strict) verdicts per image; the detector (and color classifier) run once per image."""
-        official, strict = [], []
-        for i, (prompt, samples) in enumerate(zip(prompts, images)):
-            for j, image in enumerate(samples):
-                detections = self.detector(image, self.classes)
-                classifier = _memo(self.color_classifier)
-                filename = str(folder / f"{i:05d}" / "samples" / f"{j:04d}.png") if folder is not None else None
-                try:
-                    for strict_judge, out in ((False, official), (True, strict)):
-                        out.append(
-                            score_image(prompt, detections, image, classifier, strict=strict_judge, filename=filename)
-                        )
-                except ValueError as err:  # a color clause but no way to name colors
-                    raise ConfigError(f"GenEvalCallback: {err} (set GenEvalCallback.color_classifier)") from None
-        return official, strict
-
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, fit: bool) -> dict[str, float]:
         prompts = self.selected(fit)
-        images = self.generate(pl_module.model, prompts)
         root = run_folder(trainer) / self.name
         folder = root / label if self.export else None
-        official, strict = self.score(prompts, images, folder)
-        self.results = official
+        batches = sample_batches(prompts, self.images_per_prompt, self.prompts_per_batch, self.seed)
+        try:
+            run = run_geneval(
+                pl_module.model, batches, self.sampling, self.detector, self.classes, self.color_classifier, folder=folder
+            )
+        except MissingColorError as err:
+            raise ConfigError(f"GenEvalCallback: {err} (set GenEvalCallback.color_classifier)") from None
+        self.results = run.lenient
         if folder is not None:
             if folder.exists():
                 shutil.rmtree(folder)  # a stale export would add prompts to a rescoring
-            export_geneval_folder(folder, prompts, list(images))
-            write_results(official, root / f"{label}_results.jsonl")
-        summary, strict_summary = summarize(official), summarize(strict)
-        metrics = summary.as_metrics(f"{self.name}/")
-        metrics.update({f"{self.name}/strict/{t}": v for t, v in strict_summary.per_tag.items()})
-        metrics[f"{self.name}/strict/overall"] = strict_summary.overall
+            export_geneval_folder(folder, run.prompts, run.images)
+            write_results(run.lenient, root / f"{label}_results.jsonl")
+        official, strict = geneval_scores(run.lenient), geneval_scores(run.strict)
+        metrics = official.summary.as_metrics(f"{self.name}/")
+        metrics.update({f"{self.name}/strict/{t}": v for t, v in strict.summary.per_tag.items()})
+        metrics[f"{self.name}/strict/overall"] = strict.summary.overall
+        extra = self._image_metrics(run.prompts, run.images)
+        metrics.update({f"{self.name}/{k}": v for k, v in extra.items()})
         self.last = metrics
-        self._log_grid(trainer, prompts, images, label)
+        self._log_grid(trainer, run.prompts, run.images, label)
         if not fit:
-            add_to_report(trainer, pl_module, self.name, self._section(prompts, official, strict, folder, trainer))
+            section = self._section(run.prompts, run.lenient, official, strict, folder, trainer)
+            add_to_report(trainer, pl_module, self.name, {**section, **self._image_report(extra)})
         return metrics
 
-    def _log_grid(self, trainer: L.Trainer, prompts: Sequence[GenEvalPrompt], images: np.ndarray, label: str) -> None:
+    def _image_metrics(self, prompts: Sequence[GenEvalPrompt], images: Sequence[np.ndarray]) -> dict[str, float]:
+        """CLIPScore and FID of the generated images, those configured."""
+        out: dict[str, float] = {}
+        if not images or (self.clip_score is None and self._fid is None):
+            return out
+        flat = np.concatenate(images)
+        if self.clip_score is not None:
+            texts = [p.prompt for p, samples in zip(prompts, images) for _ in range(len(samples))]
+            out["clip_score"] = mean_clip_score(self.clip_score, flat, texts)
+        if self._fid is not None:
+            if not self._fid_read:
+                self._fid_read = add_fid_reference(self._fid, self._fid_files, int(flat.shape[1]))
+                if self._fid_read < 2:
+                    raise ConfigError(
+                        f"GenEvalCallback.fid_reference: '{self.fid_reference}' holds {self._fid_read} readable "
+                        "image(s); FID needs at least 2"
+                    )
+            out["fid"] = fid_of(self._fid, flat)
+        return out
+
+    def _image_report(self, extra: Mapping[str, float]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "clip_score" in extra:
+            out["clip_score"] = extra["clip_score"]
+        if "fid" in extra:
+            out["fid"] = {
+                "score": extra["fid"],
+                "reference": self.fid_reference,
+                "reference_images": self._fid_read,
+                "features": self._fid_features,
+            }
+        return out
+
+    def _log_grid(self, trainer: L.Trainer, prompts: Sequence[GenEvalPrompt], images: Sequence[np.ndarray], label: str) -> None:
         n = min(self.grid_prompts, len(prompts))
         if n == 0:
             return
-        pixels = torch.from_numpy(images[:n].reshape(-1, *images.shape[2:])).permute(0, 3, 1, 2).float() / 255
-        grid = make_grid(pixels, nrow=self.images_per_prompt, padding=2, pad_value=1.0)
+        grid = make_grid(to_pixels(np.concatenate(images[:n])), nrow=self.images_per_prompt, padding=2, pad_value=1.0)
         path = run_folder(trainer) / "images" / f"{self.name}_{label}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         log_image_grid(trainer, f"{self.name}/samples", grid, trainer.global_step, " | ".join(p.prompt for p in prompts[:n]))
 
-    def _section(self, prompts, official, strict, folder, trainer) -> dict[str, Any]:
-        def scores(results: list[ImageResult]) -> dict[str, Any]:
-            summary = summarize(results)
-            per_tag = {}
-            for tag, (correct, total) in summary.per_tag_counts.items():
-                rows = [r for r in results if r.tag == tag]
-                per_tag[tag] = {
-                    "score": summary.per_tag[tag],
-                    "ci95": list(overall_confidence_interval(rows)),
-                    "correct": correct,
-                    "total": total,
-                }
-            return {
-                "overall": {"score": summary.overall, "ci95": list(overall_confidence_interval(results))},
-                "per_tag": per_tag,
-                "summary": summary,
+    def _section(
+        self,
+        prompts: Sequence[GenEvalPrompt],
+        official_results: Sequence[ImageResult],
+        official: GenEvalScores,
+        strict: GenEvalScores,
+        folder: Path | None,
+        trainer: L.Trainer,
+    ) -> dict[str, Any]:
+        def scores(s: GenEvalScores) -> dict[str, Any]:
+            per_tag = {
+                tag: {"score": s.summary.per_tag[tag], "ci95": list(s.per_tag_ci95[tag]), "correct": correct, "total": total}
+                for tag, (correct, total) in s.summary.per_tag_counts.items()
             }
+            return {"overall": {"score": s.summary.overall, "ci95": list(s.ci95)}, "per_tag": per_tag}
 
-        main, strict_scores = scores(official), scores(strict)
-        summary = main.pop("summary")
-        strict_scores.pop("summary")
+        main, summary = scores(official), official.summary
         base = run_folder(trainer)
         return {
             "metadata": self.metadata,
@@ -455,7 +474,7 @@ class GenEvalCallback(_EvalCallback):
             "prompts_in_file": len(self.prompts),
             "images_per_prompt": self.images_per_prompt,
             "num_images": summary.num_images,
-            "num_correct": sum(r.correct for r in official),
+            "num_correct": sum(r.correct for r in official_results),
             "seed": self.seed,
             "prompts_per_batch": self.prompts_per_batch,
             "sampling": asdict(self.sampling),
@@ -467,24 +486,9 @@ class GenEvalCallback(_EvalCallback):
             "image_accuracy": summary.image_accuracy,
             "prompt_accuracy": summary.prompt_accuracy,
             "mean_objects": summary.mean_objects,
-            "strict": strict_scores,
+            "strict": scores(strict),
             "tags": [t for t in TAGS if t in main["per_tag"]],
         }
-
-
-def _memo(classifier: Callable | None) -> Callable | None:
-    """Cache a color classifier per detection, so the official and the strict judge share its calls."""
-    if classifier is None:
-        return None
-    cache: dict[int, str] = {}
-
-    def classify(image: np.ndarray, detection: Detection, colors: Sequence[str]) -> str:
-        key = id(detection)
-        if key not in cache:
-            cache[key] = classifier(image, detection, colors)
-        return cache[key]
-
-    return classify
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,61 +608,52 @@ class PopeCallback(_EvalCallback):
         return out
 
     def answer(self, model: Any, questions: Sequence[PopeQuestion]) -> list[str]:
-        """Greedy answers, in question order. Questions sharing a text are batched over images."""
+        """Greedy answers, in question order (`dualfw.eval.runners.answer_pope`), the images read
+        from `image_folder` at the model's `image_size`."""
         size = int(model.image_size)
         cache: dict[str, torch.Tensor] = {}
-        sampling = TextSampling(temperature=0.0, max_new_tokens=self.max_new_tokens)
-        by_text: dict[str, list[int]] = {}
-        for i, q in enumerate(questions):
-            by_text.setdefault(q.text, []).append(i)
-        answers: list[str | None] = [None] * len(questions)
-        for text, idx in by_text.items():
-            instruction = self.instruction.format(question=text)
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                for i in chunk:
-                    name = questions[i].image
-                    if name not in cache:
-                        image = load_image(self.image_folder / name, size)
-                        if image is None:  # every question needs its answer: unlike training, no skipping
-                            raise ConfigError(f"PopeCallback: cannot read image '{self.image_folder / name}'")
-                        cache[name] = image
-                pixels = torch.stack([cache[questions[i].image] for i in chunk]).to(model.device)
-                texts = model.sample_texts(pixels, 1, instruction, sampling)
-                for i, t in zip(chunk, texts):
-                    answers[i] = t[0]
-        return [a if a is not None else "" for a in answers]
+
+        def image(name: str) -> torch.Tensor:
+            if name not in cache:
+                pixels = load_image(self.image_folder / name, size)
+                if pixels is None:  # every question needs its answer: unlike training, no skipping
+                    raise ConfigError(f"PopeCallback: cannot read image '{self.image_folder / name}'")
+                cache[name] = pixels
+            return cache[name]
+
+        return answer_pope(model, questions, image, self.instruction, self.max_new_tokens, self.batch_size)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, fit: bool) -> dict[str, float]:
         self.prepare(trainer)
         folder = run_folder(trainer) / self.name / label
-        parse = PARSERS[self.parser]
-        metrics: dict[str, float] = {}
-        splits: dict[str, dict[str, Any]] = {}
-        for split, qs in self.selected(fit).items():
+        questions = self.selected(fit)
+        for split, qs in questions.items():
             answers = self.answer(pl_module.model, qs)
             self.answers[split] = answers
             write_questions(qs, folder / f"{split}_questions.jsonl")
             write_answers(qs, answers, folder / f"{split}_answers.jsonl")
-            predictions = [parse(a) for a in answers]
-            m = pope_metrics(predictions, [q.label for q in qs])
+        scores = score_pope(questions, self.answers, self.parser)
+        metrics: dict[str, float] = {}
+        splits: dict[str, dict[str, Any]] = {}
+        for split, s in scores.splits.items():
             for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-                metrics[f"{self.name}/{split}/{key}"] = float(getattr(m, key))
-            acc_ci, f1_ci = pope_intervals(qs, predictions)
+                metrics[f"{self.name}/{split}/{key}"] = float(getattr(s.metrics, key))
             splits[split] = {
-                **m.as_dict(),
-                "accuracy_ci95": acc_ci,
-                "f1_ci95": f1_ci,
+                **s.metrics.as_dict(),
+                "accuracy_ci95": list(s.accuracy_ci95),
+                "f1_ci95": list(s.f1_ci95),
                 "question_file": str(self.question_files[split]),
                 "questions_in_file": len(self.questions[split]),
                 "answer_file": str(Path(self.name) / label / f"{split}_answers.jsonl"),
             }
         if len(splits) > 1:
-            for key in ("accuracy", "f1"):
-                metrics[f"{self.name}/average/{key}"] = float(np.mean([s[key] for s in splits.values()]))
+            metrics[f"{self.name}/average/accuracy"] = scores.mean_accuracy
+            metrics[f"{self.name}/average/f1"] = scores.mean_f1
         self.last = metrics
         if not fit:
             average = {k: metrics.get(f"{self.name}/average/{k}") for k in ("accuracy", "f1")}
+            if len(splits) > 1 and scores.mean_accuracy_ci95 is not None:
+                average["accuracy_ci95"] = list(scores.mean_accuracy_ci95)
             add_to_report(
                 trainer,
                 pl_module,
@@ -673,32 +668,3 @@ class PopeCallback(_EvalCallback):
                 },
             )
         return metrics
-
-
-def pope_intervals(
-    questions: Sequence[PopeQuestion], predictions: Sequence[str], n_boot: int = 2000, seed: int = 0
-) -> tuple[list[float], list[float]]:
-    """95% percentile-bootstrap intervals of accuracy and F1, resampling IMAGES with replacement
-    (an image's questions stay together: they share its difficulty)."""
-    images: dict[str, int] = {}
-    rows: list[list[int]] = []  # per image: tp, fp, correct, positives (label yes), questions
-    for q, p in zip(questions, predictions):
-        i = images.setdefault(q.image, len(images))
-        if i == len(rows):
-            rows.append([0, 0, 0, 0, 0])
-        yes = p == "yes"
-        rows[i][0] += int(yes and q.label == "yes")
-        rows[i][1] += int(yes and q.label == "no")
-        rows[i][2] += int(p == q.label)
-        rows[i][3] += int(q.label == "yes")
-        rows[i][4] += 1
-    counts = np.array(rows, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
-    tp, fp, correct, positives, n = (counts[idx, c].sum(axis=1) for c in range(5))
-    accuracy = correct / n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        recall = np.where(positives > 0, tp / positives, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return _interval(accuracy), _interval(f1)

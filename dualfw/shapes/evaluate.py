@@ -6,6 +6,8 @@ bootstrap 95% CI) and POPE-style yes/no accuracy.
 Prompts: every distinct GenEval-style record of the world (`enumerate_geneval_prompts`), with
 enough images per prompt that each tag gets about `images_per_tag` images. POPE: seeded random
 scenes, the three splits of `pope_questions`, greedy answers parsed with the official rule.
+Both are the evaluation runners of `dualfw.eval.runners` with the Shapes detector, prompts and
+questions passed in.
 """
 
 from __future__ import annotations
@@ -20,55 +22,54 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualfw.eval.geneval import overall_confidence_interval, score_image, summarize
-from dualfw.eval.pope import parse_answer_official, pope_metrics
-from dualfw.core.interface import ImageSampling, TextSampling
+from dualfw.core.interface import ImageSampling
+from dualfw.eval.geneval import ImageResult, parse_metadata
+from dualfw.eval.pixels import to_pixels, to_uint8
+from dualfw.eval.pope import PopeQuestion
+from dualfw.eval.runners import (
+    GenEvalRun,
+    SampleBatch,
+    answer_pope,
+    geneval_scores,
+    run_geneval,
+    score_pope,
+)
 from dualfw.shapes.detector import ShapesDetector
-from dualfw.shapes.sft import background_patches, to_pixels, to_uint8
+from dualfw.shapes.sft import background_patches
 from dualfw.shapes.text import POPE_SPLITS, TAGS, enumerate_geneval_prompts, pope_questions
 from dualfw.shapes.world import WorldConfig, render, sample_scene
 
 
-def within_group_auc(rewards: np.ndarray, correct: np.ndarray) -> float:
-    """How often the reward ranks a correct sample above an incorrect one of the SAME group:
-    over every (correct, incorrect) pair inside each row of `rewards` / `correct` ((groups, K)),
-    the fraction with the higher reward on the correct one (ties count 1/2). NaN with no such pair."""
-    wins, pairs = 0.0, 0
-    for r, c in zip(rewards, correct.astype(bool)):
-        good, bad = r[c], r[~c]
-        if len(good) and len(bad):
-            diff = good[:, None] - bad[None, :]
-            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-            pairs += diff.size
-    return wins / pairs if pairs else float("nan")
-
-
-def judge_images(records: list[dict], images: list[np.ndarray], detector) -> tuple[list, list]:
-    """Detect once per image and judge it against its record by GenEval's rules: (lenient, strict)
-    lists of ImageResult, the strict judge also failing any object the prompt does not ask for."""
-    lenient, strict = [], []
-    for record, image in zip(records, images):
-        dets = detector(image)
-        lenient.append(score_image(record, dets, image))
-        strict.append(score_image(record, dets, image, strict=True))
-    return lenient, strict
-
-
-def _summary(results: list) -> dict[str, Any]:
-    s = summarize(results)
+def _summary(results: list[ImageResult]) -> dict[str, Any]:
+    # every prompt of the world is evaluated, so the noise is the images' (see the CI's docstring)
+    scores = geneval_scores(results, resample="images")
+    s = scores.summary
     return {
         "overall": s.overall,
-        # every prompt of the world is evaluated, so the noise is the images' (see the CI's docstring)
-        "ci95": overall_confidence_interval(results, resample="images"),
-        "ci95_over_prompts": overall_confidence_interval(results, resample="prompts"),
+        "ci95": scores.ci95,
+        "ci95_over_prompts": scores.overall_ci95["prompts"],
         "per_tag": s.per_tag,
-        "per_tag_ci95": {
-            tag: overall_confidence_interval([r for r in results if r.tag == tag], resample="images")
-            for tag in s.per_tag
-        },
+        "per_tag_ci95": scores.per_tag_ci95,
         "mean_objects": s.mean_objects,
         "num_images": s.num_images,
     }
+
+
+def shapes_batches(world: WorldConfig, images_per_tag: int, seed: int, prompts_per_batch: int = 16) -> list[SampleBatch]:
+    """The world's every GenEval-style prompt, tag after tag, `prompts_per_batch` per batch; a tag's
+    prompts get enough images each for about `images_per_tag` per tag; the batch starting at prompt
+    b of the t-th tag is seeded by seed * 1000 + t * 100 + b."""
+    by_tag: dict[str, list[dict]] = defaultdict(list)
+    for r in enumerate_geneval_prompts(world):
+        by_tag[r["tag"]].append(r)
+    batches = []
+    for t, tag in enumerate(TAGS):
+        recs = by_tag[tag]
+        k = max(1, math.ceil(images_per_tag / len(recs)))
+        for b in range(0, len(recs), prompts_per_batch):
+            chunk = [parse_metadata(r) for r in recs[b : b + prompts_per_batch]]
+            batches.append(SampleBatch(chunk, k, seed * 1000 + t * 100 + b))
+    return batches
 
 
 @torch.no_grad()
@@ -90,57 +91,21 @@ def evaluate_geneval(
     holds the oracle's best-of-K (an image counts as correct when any candidate is), the
     self-reward's within-prompt AUC against the judges, and objects per image of all candidates.
     """
-    if best_of < 1:
-        raise ValueError(f"best_of must be >= 1, got {best_of}")
-    if best_of > 1 and scorer is None:
-        raise ValueError("best_of > 1 needs a scorer (e.g. DualScorer attached to the adapter)")
     world = WorldConfig(resolution=adapter.image_size)
-    detector = ShapesDetector(world)
-    by_tag: dict[str, list[dict]] = defaultdict(list)
-    for r in enumerate_geneval_prompts(world):
-        by_tag[r["tag"]].append(r)
-    sampling = ImageSampling(guidance_scale=guidance_scale, temperature=temperature)
-    lenient, strict, oracle_lenient, oracle_strict = [], [], [], []
-    all_rewards, all_ok, all_strict_ok, all_objects, all_tags = [], [], [], [], []
-    for t, tag in enumerate(TAGS):
-        recs = by_tag[tag]
-        k = max(1, math.ceil(images_per_tag / len(recs)))
-        for b in range(0, len(recs), prompts_per_batch):
-            chunk = recs[b : b + prompts_per_batch]
-            prompts = [r["prompt"] for r in chunk]
-            tokens = adapter.sample_images(prompts, k * best_of, sampling, seed=seed * 1000 + t * 100 + b)
-            images = to_uint8(adapter.decode_images(tokens.flatten(0, 1)))
-            rows = [r for r in chunk for _ in range(k * best_of)]
-            len_c, str_c = judge_images(rows, images, detector)
-            if best_of == 1:
-                lenient += len_c
-                strict += str_c
-                continue
-            rewards = scorer.image_rewards(tokens.flatten(0, 1), [r["prompt"] for r in rows])
-            rewards = rewards.float().cpu().numpy().reshape(-1, best_of)  # (slots, best_of)
-            ok = np.array([r.correct for r in len_c]).reshape(-1, best_of)
-            ok_strict = np.array([r.correct for r in str_c]).reshape(-1, best_of)
-            pick = rewards.argmax(1)
-            for slot, j in enumerate(pick):
-                lenient.append(len_c[slot * best_of + j])
-                strict.append(str_c[slot * best_of + j])
-                best_l = slot * best_of + int(ok[slot].argmax())
-                best_s = slot * best_of + int(ok_strict[slot].argmax())
-                oracle_lenient.append(len_c[best_l])
-                oracle_strict.append(str_c[best_s])
-            all_rewards.append(rewards)
-            all_ok.append(ok)
-            all_strict_ok.append(ok_strict)
-            all_tags += [tag] * len(rewards)
-            all_objects += [r.num_objects for r in len_c]
-    out: dict[str, Any] = {"lenient": _summary(lenient), "strict": _summary(strict), "best_of": best_of}
+    run: GenEvalRun = run_geneval(
+        adapter,
+        shapes_batches(world, images_per_tag, seed, prompts_per_batch),
+        ImageSampling(guidance_scale=guidance_scale, temperature=temperature),
+        ShapesDetector(world),
+        best_of=best_of,
+        scorer=scorer,
+    )
+    out: dict[str, Any] = {"lenient": _summary(run.lenient), "strict": _summary(run.strict), "best_of": best_of}
     if best_of > 1:
-        rewards, ok, ok_strict = np.concatenate(all_rewards), np.concatenate(all_ok), np.concatenate(all_strict_ok)
-        out["oracle_best_of"] = {"lenient": _summary(oracle_lenient), "strict": _summary(oracle_strict)}
-        out["reward_auc"] = {"lenient": within_group_auc(rewards, ok), "strict": within_group_auc(rewards, ok_strict)}
-        tags = np.array(all_tags)
-        out["reward_auc_per_tag"] = {t: within_group_auc(rewards[tags == t], ok[tags == t]) for t in TAGS}
-        out["candidates_mean_objects"] = float(np.mean(all_objects))
+        out["oracle_best_of"] = {judge: _summary(run.oracle(judge)) for judge in ("lenient", "strict")}
+        out["reward_auc"] = {judge: run.reward_auc(judge) for judge in ("lenient", "strict")}
+        out["reward_auc_per_tag"] = {t: run.reward_auc("lenient", tag=t) for t in TAGS}
+        out["candidates_mean_objects"] = float(np.mean([r.num_objects for r in run.candidates["lenient"]]))
     return out
 
 
@@ -174,56 +139,27 @@ def background_token_stats(
 
 @torch.no_grad()
 def evaluate_pope(adapter, n_images: int = 200, seed: int = 0, batch: int = 50) -> dict[str, Any]:
-    """POPE-style accuracy per split on `n_images` seeded scenes; greedy answers, official parser."""
+    """POPE-style accuracy per split on `n_images` seeded scenes; greedy answers, official parser;
+    95% intervals resample the scenes (jointly over the splits for the mean)."""
     world = WorldConfig(resolution=adapter.image_size)
     rng = np.random.default_rng([seed, 7])
     scenes = [sample_scene(rng, world) for _ in range(n_images)]
     names = [f"{i:05d}.png" for i in range(n_images)]
-    pixels = {name: to_pixels([render(s)]) for name, s in zip(names, scenes)}
-    greedy = TextSampling(temperature=0.0, max_new_tokens=4)
-    out: dict[str, Any] = {}
-    per_image: dict[str, np.ndarray] = {}
+    pixels = dict(zip(names, to_pixels([render(s) for s in scenes])))
+    questions, answers = {}, {}
     for split in POPE_SPLITS:
-        questions = pope_questions(scenes, split, seed=seed, image_names=names, world=world)
-        by_text: dict[str, list[dict]] = defaultdict(list)
-        for q in questions:
-            by_text[q["text"]].append(q)
-        answers: dict[int, str] = {}
-        for text, qs in by_text.items():  # one instruction per call, images batched
-            for b in range(0, len(qs), batch):
-                chunk = qs[b : b + batch]
-                px = torch.cat([pixels[q["image"]] for q in chunk])
-                for q, texts in zip(chunk, adapter.sample_texts(px, 1, text, greedy)):
-                    answers[q["question_id"]] = texts[0]
-        preds = [parse_answer_official(answers[q["question_id"]]) for q in questions]
-        m = pope_metrics(preds, [q["label"] for q in questions])
-        hits = np.zeros((n_images, 2))  # per image: right answers, questions
-        for q, p in zip(questions, preds):
-            hits[names.index(q["image"])] += (p == q["label"], 1)
-        per_image[split] = hits
-        ci = image_bootstrap_ci([hits])
-        out[split] = {"accuracy": m.accuracy, "ci95": ci[0], "f1": m.f1, "yes_ratio": m.yes_ratio, "n": m.n}
-    out["mean_accuracy"] = float(np.mean([out[s]["accuracy"] for s in POPE_SPLITS]))
-    out["mean_accuracy_ci95"] = image_bootstrap_ci([per_image[s] for s in POPE_SPLITS])[1]
+        questions[split] = [
+            PopeQuestion(**q) for q in pope_questions(scenes, split, seed=seed, image_names=names, world=world)
+        ]
+        answers[split] = answer_pope(adapter, questions[split], pixels.__getitem__, max_new_tokens=4, batch_size=batch)
+    scores = score_pope(questions, answers, "official", images=names)
+    out: dict[str, Any] = {}
+    for split, s in scores.splits.items():
+        m = s.metrics
+        out[split] = {"accuracy": m.accuracy, "ci95": s.accuracy_ci95, "f1": m.f1, "yes_ratio": m.yes_ratio, "n": m.n}
+    out["mean_accuracy"] = scores.mean_accuracy
+    out["mean_accuracy_ci95"] = scores.mean_accuracy_ci95
     return out
-
-
-def image_bootstrap_ci(
-    splits: list[np.ndarray], level: float = 0.95, n_boot: int = 2000, seed: int = 0
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Percentile bootstrap over IMAGES (the questions about one image share its difficulty):
-    `splits` holds one (images, 2) array of (right answers, questions) per split, rows aligned by
-    image. Returns the interval of the first split's accuracy and of the mean over splits."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(splits[0]), size=(n_boot, len(splits[0])))
-    accs = np.stack([a[idx, 0].sum(1) / a[idx, 1].sum(1) for a in splits])  # (splits, n_boot)
-    alpha = (1.0 - level) / 2.0
-
-    def interval(x: np.ndarray) -> tuple[float, float]:
-        low, high = np.quantile(x, [alpha, 1.0 - alpha])
-        return (float(low), float(high))
-
-    return interval(accs[0]), interval(accs.mean(0))
 
 
 def main(argv: list[str] | None = None) -> None:

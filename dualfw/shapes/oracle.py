@@ -19,9 +19,10 @@ from torch import Tensor
 
 from dualfw.core.errors import ConfigError
 from dualfw.training.scorer import DualScorer
+from dualfw.eval.geneval import parse_metadata
+from dualfw.eval.pixels import to_uint8
+from dualfw.eval.runners import judge_images
 from dualfw.shapes.detector import ShapesDetector
-from dualfw.shapes.evaluate import judge_images
-from dualfw.shapes.sft import to_uint8
 from dualfw.shapes.text import enumerate_geneval_prompts
 from dualfw.shapes.world import WorldConfig
 
@@ -56,7 +57,7 @@ class OracleScorer(DualScorer):
         if self._world is None:
             self._world = WorldConfig(resolution=self.model.image_size)
             self._detector = ShapesDetector(self._world)
-            self._records = {r["prompt"]: r for r in enumerate_geneval_prompts(self._world)}
+            self._records = {r["prompt"]: parse_metadata(r) for r in enumerate_geneval_prompts(self._world)}
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
         self._setup_world()
