@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,11 +32,6 @@ from dualfw.eval.geneval import (
     write_results,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geneval"
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "evaluation_metadata.jsonl").is_file(),
-    reason=f"official GenEval files not found at {SHARED} (../shared/data beside the repo)",
-)
 
 
 def det(label: str, box=(0, 0, 10, 10), score: float = 0.95, color: str | None = None) -> Detection:
@@ -362,9 +356,8 @@ def test_position_must_point_to_an_earlier_clause():
         parse_metadata(bad)
 
 
-@needs_shared
-def test_official_metadata_reads_553_prompts_with_tag_counts():
-    prompts = read_metadata(SHARED / "evaluation_metadata.jsonl")
+def test_official_metadata_reads_553_prompts_with_tag_counts(shared_data):
+    prompts = read_metadata(shared_data / "geneval" / "evaluation_metadata.jsonl")
     assert len(prompts) == 553
     assert Counter(p.tag for p in prompts) == {
         "single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100,
@@ -384,16 +377,14 @@ def test_write_then_read_round_trip(tmp_path):
 # ---------------------------------------------------------------------------- generator
 
 
-@needs_shared
-def test_generator_with_coco_and_seed_43_reproduces_the_official_suite():
-    lines = (SHARED / "evaluation_metadata.jsonl").read_text().splitlines()
+def test_generator_with_coco_and_seed_43_reproduces_the_official_suite(shared_data):
+    lines = (shared_data / "geneval" / "evaluation_metadata.jsonl").read_text().splitlines()
     generated = generate_prompts(COCO_CLASSES, seed=43)
     assert [json.dumps(g) for g in generated] == lines
 
 
-@needs_shared
-def test_embedded_coco_names_match_official_object_names():
-    names = [n.strip() for n in (SHARED / "object_names.txt").read_text().splitlines() if n.strip()]
+def test_embedded_coco_names_match_official_object_names(shared_data):
+    names = [n.strip() for n in (shared_data / "geneval" / "object_names.txt").read_text().splitlines() if n.strip()]
     assert list(COCO_CLASSES) == names
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -28,11 +27,6 @@ from dualfw.eval.pope import (
 )
 from dualfw.eval.runners import answer_pope, image_counts, score_pope
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pope"
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "coco_pope_random.json").is_file(),
-    reason=f"official POPE files not found at {SHARED} (../shared/data beside the repo)",
-)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -213,10 +207,9 @@ def test_malformed_question_lines_name_the_line(tmp_path):
         read_questions(f)
 
 
-@needs_shared
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
-def test_official_question_files(split):
-    qs = read_questions(SHARED / f"coco_pope_{split}.json")
+def test_official_question_files(split, shared_data):
+    qs = read_questions(shared_data / "pope" / f"coco_pope_{split}.json")
     assert len(qs) == 3000
     assert Counter(q.label for q in qs) == {"yes": 1500, "no": 1500}
     assert len({q.image for q in qs}) == 500
@@ -224,17 +217,15 @@ def test_official_question_files(split):
     assert all(q.text.startswith("Is there a") and q.text.endswith(" in the image?") for q in qs)
 
 
-@needs_shared
-def test_official_example_answers_and_splits():
-    answers = read_answers(SHARED / "example_answers.json")
+def test_official_example_answers_and_splits(shared_data):
+    answers = read_answers(shared_data / "pope" / "example_answers.json")
     assert answers == ["yes"]
     with pytest.raises(PopeFormatError, match="shorter"):
-        evaluate_answers(SHARED / "coco_pope_random.json", SHARED / "example_answers.json")
+        evaluate_answers(shared_data / "pope" / "coco_pope_random.json", shared_data / "pope" / "example_answers.json")
 
 
-@needs_shared
-def test_official_splits_with_generated_answers(tmp_path):
-    files = {s: SHARED / f"coco_pope_{s}.json" for s in ("random", "popular", "adversarial")}
+def test_official_splits_with_generated_answers(tmp_path, shared_data):
+    files = {s: shared_data / "pope" / f"coco_pope_{s}.json" for s in ("random", "popular", "adversarial")}
     answer_files = {}
     for split, path in files.items():
         qs = read_questions(path)

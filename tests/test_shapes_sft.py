@@ -10,9 +10,11 @@ from dualfw.core.interface import ImageSampling, TextSampling
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.adapters.tiny import TinyJanusSpec
 from dualfw.shapes.detector import ShapesDetector
-from dualfw.shapes.sft import ShapesDataModule, ShapesSFT, background_patches, to_uint8
+from dualfw.eval.pixels import to_uint8
+from dualfw.shapes.sft import ShapesDataModule, ShapesSFT, background_patches
 from dualfw.shapes.world import BACKGROUND, WorldConfig, render, sample_scene
-from dualfw.shapes.text import generate_geneval_prompts, read_jsonl
+from dualfw.core.files import read_jsonl, resolve_path
+from dualfw.shapes.text import generate_geneval_prompts
 
 # small enough that a step takes milliseconds; the VQ layout of the shipped model (no res blocks)
 SPEC = TinyJanusSpec(
@@ -222,7 +224,7 @@ def test_bad_stage_is_a_one_line_config_error():
 
 
 def test_prompt_asset_is_the_generator_output():
-    shipped = read_jsonl(__import__("dualfw.core.files", fromlist=["resolve_path"]).resolve_path(
+    shipped = read_jsonl(resolve_path(
         "dualfw:assets/shapes_prompts.jsonl"))
     assert shipped == generate_geneval_prompts(100, seed=43)
 

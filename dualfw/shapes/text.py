@@ -12,7 +12,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dualfw.core.files import read_jsonl  # noqa: F401  (also importable from here)
 from dualfw.eval.geneval import dedupe_records, make_plural, with_article
 from dualfw.shapes.world import DEFAULT_WORLD, RELATIONS, Scene, ShapeObject, WorldConfig, relations
 
