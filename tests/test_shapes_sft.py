@@ -169,14 +169,24 @@ def test_understanding_loss_matches_the_adapter_log_probs():
         ShapesSFT(adapter, stage="lm", understanding_mean="sentence")
 
 
-def test_t2i_loss_without_drop_matches_image_logprobs():
+def test_t2i_loss_drops_prompts_to_the_cfg_unconditional_input(stepwise_logprobs):
+    """The drawing loss is the mean token NLL, each dropped prompt replaced by the input CFG uses
+    for it (BOS, pads, begin-of-image), checked one position at a time without cache or batching."""
     adapter = JanusAdapter(tiny=SPEC).eval()
-    module = ShapesSFT(adapter, stage="lm", cfg_drop=0.0)
-    batch = ShapesDataModule(stage="lm", batch_size=1, t2i_batch_size=3, seed=0).make_batch(0, 0)
+    module = ShapesSFT(adapter, stage="lm", cfg_drop=0.5)
+    batch = ShapesDataModule(stage="lm", batch_size=1, t2i_batch_size=4, seed=0).make_batch(0, 0)
+    prompts, tokens = batch["prompts"], adapter.encode_images(batch["g_pixels"])
+    drop = torch.rand(len(prompts), generator=torch.Generator().manual_seed(1)) < 0.5
+    assert drop.any() and not drop.all()
     with torch.no_grad():
-        loss = module.t2i_loss(batch["g_pixels"], batch["prompts"])
-        logps = adapter.image_logprobs(batch["prompts"], adapter.encode_images(batch["g_pixels"]))
-    assert torch.allclose(loss, -logps.mean(), atol=1e-5)
+        loss = module.t2i_token_loss(tokens, prompts, torch.Generator().manual_seed(1))
+        rows = []
+        for prompt, row, dropped in zip(prompts, tokens, drop.tolist()):
+            ids, _ = adapter.generation_inputs([prompt])
+            if dropped:
+                ids = ids.masked_fill((ids != adapter.bos_id) & (ids != adapter.boi_id), adapter.pad_id)
+            rows.append(stepwise_logprobs(adapter, prompt, row, ids=ids).gather(-1, row[:, None]).squeeze(-1))
+    assert torch.allclose(loss, -torch.stack(rows).mean(), atol=1e-5)
 
 
 def test_build_stages_fit_through_the_cli(tmp_path):

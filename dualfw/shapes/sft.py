@@ -1,18 +1,18 @@
 """Supervised training of the Shapes base model (dualfw/assets/shapes_base) by `dualfw fit` runs.
 
-From scratch in 28.6 min on 2 cores, `python -m dualfw.shapes.build` (1a and 1b at once), which
-made the shipped checkpoint:
+From scratch, `python -m dualfw.shapes.build` (1a and 1b at once) makes the shipped checkpoint:
 
     dualfw fit --config conf/shapes/tokenizer.yaml   # 1a: VQ tokenizer, background on one code
     dualfw fit --config conf/shapes/reader.yaml      # 1b: captions + yes/no questions, draws nothing
     dualfw fit --config conf/shapes/base.yaml        # 2:  1b's model with 1a's VQ: read and draw
 
-The earlier bases' longer chains are in conf/shapes/history/ (benchmarks/shapes_history.md).
+The earlier bases' longer chains are in docs/shapes-history.md.
 
 Stage "vq" trains the Janus VQ tokenizer (encoder, codebook, decoder) to reconstruct rendered
-scenes. Stage "lm" freezes the VQ and trains everything else on captioning, yes/no questions and
-text-to-image, through the same adapter methods inference uses (`understanding_prefix_ids`,
-`understanding_pixels`, `generation_inputs`, `encode_images`), so training matches sampling; with
+scenes (a Janus VQ-VAE's own parts: this stage is Janus-specific). Stage "lm" freezes the VQ and
+trains everything else on captioning, yes/no questions and text-to-image, through the prompt layouts
+inference uses (`image_logprobs` for drawing; `understanding_prefix_ids` / `understanding_pixels`
+for reading, batched over rows with different instructions), so training matches sampling; with
 `t2i_batch_size: 0` it trains the reader alone, which needs no tokenizer yet.
 
 The data are generated on the fly by `ShapesDataModule`: batch i is a pure function of (seed, i);
@@ -21,7 +21,6 @@ the seeds are in the configs.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator, Literal
 
 import lightning as L
@@ -389,20 +388,13 @@ class ShapesSFT(L.LightningModule):
         return self.t2i_token_loss(tokens, prompts, generator)
 
     def t2i_token_loss(self, tokens: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean cross-entropy of image tokens (n, N) given the prompt (the layout of
-        `JanusAdapter.image_logprobs`), with the prompt dropped to pad for a `cfg_drop` share."""
-        ad = self.model
-        ids, mask = ad.generation_inputs(prompts)
+        """Mean negative log-likelihood of image tokens (n, N) given the prompt
+        (`LMMAdapter.image_logprobs`), with the prompt dropped, as CFG's unconditional input, for a
+        `cfg_drop` share (so guided sampling has an unconditional model to contrast)."""
+        drop = None
         if self.cfg_drop > 0:
             drop = torch.rand(len(prompts), generator=generator) < self.cfg_drop
-            uncond = ids.masked_fill((ids != ad.bos_id) & (ids != ad.boi_id), ad.pad_id)
-            ids = torch.where(drop.to(ids.device)[:, None], uncond, ids)
-        n_tokens = tokens.shape[1]
-        embeds = torch.cat([ad.model.get_input_embeddings()(ids), ad._embed_image_tokens(tokens[:, :-1])], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], n_tokens - 1)], dim=1)
-        hidden = ad.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = ad.model.model.generation_head(hidden[:, -n_tokens:]).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        return -self.model.image_logprobs(prompts, tokens, drop_prompt=drop).mean()
 
     # ---- Lightning ---------------------------------------------------------------------------------
     def _losses(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
@@ -445,7 +437,7 @@ class ShapesSFT(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
-            export(self.model, self.export_dir)
+            self.model.save_pretrained(self.export_dir)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -460,15 +452,6 @@ class ShapesSFT(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def export(adapter: JanusAdapter, folder: str | Path) -> Path:
-    """Save model (safetensors), config, tokenizer and processor for `JanusAdapter(path=folder)`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    adapter.model.save_pretrained(folder, safe_serialization=True)
-    adapter.processor.save_pretrained(folder)
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------
