@@ -1,17 +1,20 @@
 """dualfw: unified multimodal models that improve themselves with dual self-rewards."""
 
+from dualfw.adapters.emu3 import Emu3Adapter
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
 from dualfw.core.losses import DPO, GRPO, IPO, ChosenNLL, SimPO
 from dualfw.training.callbacks import ExportPretrained, PairImageGrid
 from dualfw.training.datamodule import SelfRewardDataModule
 from dualfw.training.policy import LoraSpec, Policy
+from dualfw.training.predict import BestOfKWriter
 from dualfw.training.reference import Reference
 from dualfw.training.scorer import DualScorer, RandomScorer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BestOfKWriter",
     "ChosenNLL",
     "DPO",
     "ExportPretrained",
@@ -19,6 +22,7 @@ __all__ = [
     "IPO",
     "LoraSpec",
     "DualScorer",
+    "Emu3Adapter",
     "RandomScorer",
     "ImageSampling",
     "JanusAdapter",

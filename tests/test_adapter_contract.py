@@ -13,7 +13,13 @@ def _tiny_janus():
     return JanusAdapter()
 
 
-ADAPTERS = {"janus": _tiny_janus}
+def _tiny_emu3():
+    from dualfw.adapters.emu3 import Emu3Adapter
+
+    return Emu3Adapter()
+
+
+ADAPTERS = {"janus": _tiny_janus, "emu3": _tiny_emu3}
 
 
 @pytest.fixture(scope="module", params=sorted(ADAPTERS))

@@ -1,2 +1,2 @@
-"""Model families behind `dualfw.core.interface.LMMAdapter`: Janus / Janus-Pro, and tiny offline
+"""Model families behind `dualfw.core.interface.LMMAdapter`: Janus / Janus-Pro, Emu3, and tiny offline
 builders for tests and laptops."""
