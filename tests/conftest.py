@@ -59,3 +59,19 @@ def _stepwise_logprobs(adapter, prompt, tokens, ids=None):
 def stepwise_logprobs():
     """`_stepwise_logprobs`: per-position image log-probs of a Janus adapter, computed without cache."""
     return _stepwise_logprobs
+
+
+@pytest.fixture(scope="session")
+def tiny_emu3_folder(tmp_path_factory) -> Path:
+    """A tiny Emu3 saved to a local folder (64 px images, 8 x 8 codes), as a user's checkpoint would be."""
+    from dualfw.adapters.tiny_emu3 import save_tiny_emu3
+
+    return save_tiny_emu3(tmp_path_factory.mktemp("tiny_emu3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_emu3(tiny_emu3_folder):
+    """An Emu3Adapter on `tiny_emu3_folder`, with a negative prompt for CFG."""
+    from dualfw.adapters.emu3 import Emu3Adapter
+
+    return Emu3Adapter(path=str(tiny_emu3_folder), image_size=64, negative_prompt="blurry, low quality").eval()

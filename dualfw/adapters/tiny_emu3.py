@@ -52,7 +52,7 @@ class TinyEmu3Spec:
     vq_base_channels: int = 32
     vq_channel_multiplier: tuple[int, ...] = (1, 1, 1, 1)
     vq_embed_dim: int = 4
-    vq_temporal_downsample: int = 4
+    vq_temporal_downsample: int = 1  # frames per image in the VQ (the published one: 4, for video)
     vq_num_res_blocks: int = 1
     vocab_size: int = 512
     init_std: float = 0.2
