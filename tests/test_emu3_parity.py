@@ -120,3 +120,43 @@ def test_greedy_descriptions_equal_generate_and_never_hold_image_tokens(tiny_emu
     assert ours == [[reference[0]] * 2, [reference[1]] * 2]
     sampled = tiny_emu3.sample_texts(pixels, k=2, instruction="Describe this image.", sampling=TextSampling(max_new_tokens=8), seed=0)
     assert all(len(t) == 2 for t in sampled)
+
+
+def _fit(tmp_path, folder, recipe, *extra):
+    from pathlib import Path
+
+    from dualfw.cli import cli_main
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    return cli_main([
+        "fit", "--config", str(conf / f"{recipe}.yaml"), "--config", str(conf / "models" / "emu3.yaml"),
+        f"--model.init_args.model.init_args.path={folder}",
+        "--model.init_args.model.init_args.image_size=64",
+        "--model.init_args.model.init_args.dtype=float32",
+        "--data.init_args.inputs_per_step=2", "--data.init_args.k=2", "--data.init_args.progress=false",
+        "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+        "--trainer.accumulate_grad_batches=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}", f"--trainer.logger.name={recipe}", "--trainer.logger.version=run",
+        *extra,
+    ])
+
+
+@pytest.mark.parametrize("recipe", ["t2i", "dual"])
+def test_fit_with_the_emu3_overlay_trains_and_exports_what_transformers_loads(tmp_path, tiny_emu3_folder, recipe):
+    from transformers import Emu3ForConditionalGeneration, Emu3Processor
+
+    cli = _fit(tmp_path, tiny_emu3_folder, recipe)
+    run = tmp_path / recipe / "run"
+    assert cli.trainer.global_step == 2 and (run / "checkpoints" / "last.ckpt").is_file()
+    export = run / "export"
+    loaded = Emu3ForConditionalGeneration.from_pretrained(export, local_files_only=True)
+    Emu3Processor.from_pretrained(export, local_files_only=True)
+    initial = Emu3ForConditionalGeneration.from_pretrained(tiny_emu3_folder, local_files_only=True)
+    trained = cli.model.model.model.state_dict()
+    name = "model.text_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(loaded.state_dict()[name], trained[name])
+    assert not torch.equal(loaded.state_dict()[name], initial.state_dict()[name]), "two steps must move the weights"
+    if recipe == "t2i":  # resumes from its last checkpoint
+        cli = _fit(tmp_path, tiny_emu3_folder, recipe, "--trainer.max_steps=3", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+        assert cli.trainer.global_step == 3
