@@ -160,3 +160,28 @@ def test_fit_with_the_emu3_overlay_trains_and_exports_what_transformers_loads(tm
     if recipe == "t2i":  # resumes from its last checkpoint
         cli = _fit(tmp_path, tiny_emu3_folder, recipe, "--trainer.max_steps=3", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
         assert cli.trainer.global_step == 3
+
+
+def test_lora_adapts_the_language_model_only_and_exports_merged(tiny_emu3_folder, tmp_path):
+    from dualfw.adapters.emu3 import Emu3Adapter
+    from dualfw.core.errors import ConfigError
+    from dualfw.training.policy import LoraSpec, Policy
+
+    policy = Policy(Emu3Adapter(path=str(tiny_emu3_folder), image_size=64), lora=LoraSpec(r=4))
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".text_model.layers." in n for n in trainable)
+    assert not any("lora" in n for n, _ in policy.model.model.model.vqmodel.named_modules()), "the VQ-VAE's q/k/v_proj stay plain"
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    tokens = torch.randint(0, len(policy.model.visual_ids), (1, policy.model.num_image_tokens), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        image = policy.model.image_logprobs(["a circle"], tokens)
+        text = policy.model.text_logprobs(Images(tokens=tokens), ["a circle"], "Describe this image.")[0]
+    reloaded = Emu3Adapter(path=str(policy.export_pretrained(tmp_path / "export")), image_size=64)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.image_logprobs(["a circle"], tokens), image, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded.text_logprobs(Images(tokens=tokens), ["a circle"], "Describe this image.")[0], text, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="no generation-only modules"):
+        reloaded.generation_modules()
