@@ -61,6 +61,7 @@ from dualfw.eval.geneval import (
     MissingColorError,
     export_geneval_folder,
     read_metadata,
+    summarize,
     write_results,
 )
 from dualfw.eval.pixels import to_pixels
@@ -172,6 +173,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"{_fmt(g['prompt_accuracy'])}%; mean detected objects per image: {g['mean_objects']:.2f}. "
             "Overall is the mean of the per-tag scores (official rule); strict also fails extra objects.",
         ]
+        if g.get("best_of"):
+            b = g["best_of"]
+            lines += [
+                "",
+                f"Best of {b['k']} by the model's own reward ({b['scorer']}), same seed: overall "
+                f"{_fmt(b['overall']['score'])} {_fmt_ci(b['overall']['ci95'])}, strict {_fmt(b['strict']['overall'])} "
+                f"(plain: {_fmt(g['overall']['score'])}, {_fmt(g['strict']['overall']['score'])}); the judges' own "
+                f"best of {b['k']}: {_fmt(b['oracle']['lenient'])}, {_fmt(b['oracle']['strict'])}; reward AUC within "
+                f"prompts {b['reward_auc']['lenient']:.2f}" + (f"; images in `{b['folder']}`." if b["folder"] else "."),
+            ]
         if g.get("clip_score") is not None:
             lines += ["", f"CLIPScore (mean over images): {g['clip_score']:.2f}."]
         if g.get("fid"):
@@ -300,6 +311,10 @@ class GenEvalCallback(_EvalCallback):
             to features (n, d).
         fid_inception_weights: local torch-fidelity InceptionV3 weights file
             (pt_inception-2015-12-05), the standard FID features, when `fid_features` is not set.
+        best_of: at test time also judge, beside plain sampling with the same seed, each image as
+            the best of this many samples by the LightningModule's own `scorer` (R_G: self-reward
+            reranking, no training): `<name>/best_of_<K>/...` metrics, the `<label>_best_of_<K>`
+            folder and a report entry; 1: plain sampling only.
     """
 
     def __init__(
@@ -322,9 +337,13 @@ class GenEvalCallback(_EvalCallback):
         fid_reference: str | None = None,
         fid_features: torch.nn.Module | None = None,
         fid_inception_weights: str | None = None,
+        best_of: int = 1,
     ) -> None:
         super().__init__(every_n_steps)
         where = "GenEvalCallback"
+        if best_of < 1:
+            raise ConfigError(f"{where}.best_of must be at least 1, got {best_of}")
+        self.best_of = best_of
         if metadata is None or str(metadata) == "":
             raise ConfigError(f"{where}.metadata is not set: give a GenEval metadata file (JSON lines)")
         for key, value in (("images_per_prompt", images_per_prompt), ("prompts_per_batch", prompts_per_batch)):
@@ -381,19 +400,8 @@ class GenEvalCallback(_EvalCallback):
         prompts = self.selected(fit)
         root = run_folder(trainer) / self.name
         folder = root / label if self.export else None
-        batches = sample_batches(prompts, self.images_per_prompt, self.prompts_per_batch, self.seed)
-        try:
-            run = run_geneval(
-                pl_module.model, batches, self.sampling, self.detector, self.classes, self.color_classifier, folder=folder
-            )
-        except MissingColorError as err:
-            raise ConfigError(f"GenEvalCallback: {err} (set GenEvalCallback.color_classifier)") from None
+        run = self._run(pl_module, prompts, folder, root, label)
         self.results = run.lenient
-        if folder is not None:
-            if folder.exists():
-                shutil.rmtree(folder)  # a stale export would add prompts to a rescoring
-            export_geneval_folder(folder, run.prompts, run.images)
-            write_results(run.lenient, root / f"{label}_results.jsonl")
         official, strict = geneval_scores(run.lenient), geneval_scores(run.strict)
         metrics = official.summary.as_metrics(f"{self.name}/")
         metrics.update({f"{self.name}/strict/{t}": v for t, v in strict.summary.per_tag.items()})
@@ -404,8 +412,64 @@ class GenEvalCallback(_EvalCallback):
         self._log_grid(trainer, run.prompts, run.images, label)
         if not fit:
             section = self._section(run.prompts, run.lenient, official, strict, folder, trainer)
+            if self.best_of > 1:
+                best_metrics, section["best_of"] = self._evaluate_best_of(trainer, pl_module, prompts, root, label)
+                metrics.update(best_metrics)
+                self.last = metrics
             add_to_report(trainer, pl_module, self.name, {**section, **self._image_report(extra)})
         return metrics
+
+    def _run(self, pl_module: L.LightningModule, prompts: Sequence[GenEvalPrompt], folder: Path | None, root: Path,
+             label: str, best_of: int = 1):
+        """Sample and judge `prompts` (each image the best of `best_of` by the module's scorer),
+        exporting the official layout to `folder` and the verdicts beside it."""
+        batches = sample_batches(prompts, self.images_per_prompt, self.prompts_per_batch, self.seed)
+        scorer = None
+        if best_of > 1:
+            scorer = getattr(pl_module, "scorer", None)
+            if scorer is None:
+                raise ConfigError(f"GenEvalCallback.best_of {best_of} needs a LightningModule with a `scorer` (dualfw.Policy)")
+        try:
+            run = run_geneval(
+                pl_module.model, batches, self.sampling, self.detector, self.classes, self.color_classifier,
+                best_of=best_of, scorer=scorer, folder=folder,
+            )
+        except MissingColorError as err:
+            raise ConfigError(f"GenEvalCallback: {err} (set GenEvalCallback.color_classifier)") from None
+        if folder is not None:
+            if folder.exists():
+                shutil.rmtree(folder)  # a stale export would add prompts to a rescoring
+            export_geneval_folder(folder, run.prompts, run.images)
+            write_results(run.lenient, root / f"{folder.name}_results.jsonl")
+        return run
+
+    def _evaluate_best_of(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: Sequence[GenEvalPrompt], root: Path, label: str
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """The best-of-K evaluation (same prompts, seed and batches as plain sampling): its
+        metrics and its report entry (scores, the judges' own best-of-K ceiling, the reward's
+        within-prompt AUC)."""
+        key = f"best_of_{self.best_of}"
+        folder = root / f"{label}_{key}" if self.export else None
+        run = self._run(pl_module, prompts, folder, root, label, best_of=self.best_of)
+        official, strict = geneval_scores(run.lenient), geneval_scores(run.strict)
+        metrics = official.summary.as_metrics(f"{self.name}/{key}/")
+        metrics.update({f"{self.name}/{key}/strict/{t}": v for t, v in strict.summary.per_tag.items()})
+        metrics[f"{self.name}/{key}/strict/overall"] = strict.summary.overall
+        auc = {judge: run.reward_auc(judge) for judge in ("lenient", "strict")}
+        metrics[f"{self.name}/{key}/reward_auc"] = auc["lenient"]
+        base = run_folder(trainer)
+        entry = {
+            "k": self.best_of,
+            "scorer": type(pl_module.scorer).__name__,
+            "folder": str(folder.relative_to(base)) if folder is not None else None,
+            "overall": {"score": official.summary.overall, "ci95": list(official.ci95)},
+            "per_tag": dict(official.summary.per_tag),
+            "strict": {"overall": strict.summary.overall, "per_tag": dict(strict.summary.per_tag)},
+            "oracle": {judge: summarize(run.oracle(judge)).overall for judge in ("lenient", "strict")},
+            "reward_auc": auc,
+        }
+        return metrics, entry
 
     def _image_metrics(self, prompts: Sequence[GenEvalPrompt], images: Sequence[np.ndarray]) -> dict[str, float]:
         """CLIPScore and FID of the generated images, those configured."""

@@ -202,6 +202,14 @@ class SelfRewardDataModule(L.LightningDataModule):
         callbacks (dualfw.eval.callbacks) read their own prompt and question files."""
         return [0]
 
+    def predict_dataloader(self):
+        """`dualfw predict`: batches of `inputs_per_step` prompts (then images) across the whole
+        input, each seeded from (seed, batch number); the BestOfKWriter callback sets K and leaves
+        out the batches it has already written (dualfw.training.predict)."""
+        from dualfw.training.predict import PredictBatches, find_writer
+
+        return PredictBatches(self, find_writer(self.trainer))
+
     def sample(self, direction: str, policy, chunk, epoch: int, index: int, seed: int) -> Group | None:
         """One sampling round of `direction` from `policy.sampler` (the current policy unless
         `rollouts_from: initial`)."""

@@ -329,6 +329,19 @@ class Policy(L.LightningModule):
         the end of the test epoch. Present so Lightning runs the test loop."""
         return None
 
+    # ---- predict stage (`dualfw predict`) ----------------------------------------------------------
+    def on_predict_start(self) -> None:
+        init_fsdp1_root(self.trainer.strategy.model)
+        for initial in self._initial:  # a frozen scorer's copy lives outside the module tree
+            initial.move_frozen_to(self.device)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """K samples per input of a predict batch (SelfRewardDataModule.predict_dataloader) from
+        the model, rewarded by the scorer; the BestOfKWriter callback keeps the best and writes it."""
+        from dualfw.training.predict import predict_group
+
+        return predict_group(self, batch)
+
     # ---- export -----------------------------------------------------------------------------------
     def export_pretrained(self, folder: str | Path) -> Path:
         """Save the trained policy where transformers loads it (`from_pretrained(folder)`); LoRA

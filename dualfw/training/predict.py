@@ -1,0 +1,343 @@
+"""`dualfw predict`: the model's own best of K samples per input, ranked by its dual self-rewards.
+
+Text to image: for each prompt, K images are sampled (the DataModule's `sampling`, each batch of
+`inputs_per_step` prompts seeded from (seed, batch number)), rewarded by the Policy's DualScorer
+(R_G; `batch_contrast` and the other reward options apply) and the best is kept; `keep: all` keeps
+every candidate and `keep: pairs` the best and the worst, so the folder is a self-filtered SFT or
+preference data set. Image to text: for each image, K descriptions ranked by R_U.
+
+    dualfw predict --config conf/t2i.yaml --config conf/predict.yaml --data.init_args.prompts P.jsonl
+
+What `BestOfKWriter` writes into `out_dir`:
+
+    GenEval metadata prompts (every line has "tag" and "include"): the official GenEval layout,
+        00000/metadata.jsonl, 00000/samples/0000.png   the chosen image (rescore with the official
+                                                       evaluator or dualfw.eval.geneval.evaluate_folder)
+        00000/candidates/03.png ...                    keep all / pairs: the other kept candidates
+        predictions.jsonl                              one line per prompt
+    other prompts: images/00000_03.png ... and metadata.jsonl, one line per prompt whose
+        `file_name` is the chosen image (Hugging Face's imagefolder loader reads the folder)
+    images (i2t): descriptions.jsonl, one line per image
+    predict.json: the settings; a re-run into the folder must use the same ones
+
+A prompt line: {"index", "prompt", "file_name", "file_names", "candidates" (the candidate number of
+each file), "rewards" (every candidate's), "chosen", "rejected", "seed", "meta"}. An image line:
+{"index", "image", "description", "descriptions", "rewards", "chosen", "rejected", "seed"}.
+A re-run of the same command skips the inputs whose line is written (a batch is sampled again only
+when one of its inputs is missing, from its own seed) and so writes the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from dualfw.core.errors import ConfigError
+from dualfw.core.interface import ImageSampling, TextSampling
+from dualfw.core.selfreward import rollout_i2t, rollout_t2i
+
+Keep = Literal["best", "all", "pairs"]
+KEEPS = ("best", "all", "pairs")
+Layout = Literal["auto", "geneval", "plain"]
+# the batches carry their own input indices; Lightning's look for a DataLoader's sampler is moot
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader: `PredictBatches`")
+LINES = {"t2i": None, "i2t": "descriptions.jsonl"}  # t2i: predictions.jsonl / metadata.jsonl by layout
+
+
+def batch_seed(seed: int, direction: str, batch: int) -> int:
+    """The sampling seed of predict batch `batch`: t2i as `dualfw.eval.runners.sample_batches`
+    derives it (the same seed and batch size give `dualfw test`'s samples), i2t apart."""
+    key = [seed, batch] if direction == "t2i" else [seed, batch, 1]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+def chunks(n: int, size: int) -> list[list[int]]:
+    """Consecutive chunks of `size` input indices; a last chunk of one joins the one before, since
+    `batch_contrast` needs two inputs per batch."""
+    out = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        last = out.pop()
+        out[-1] += last
+    return out
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Pixels (n, 3, H, W) in [0, 1] -> uint8 (n, H, W, 3), by the same rule as the evaluations'."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def is_geneval(records: Sequence[dict]) -> bool:
+    """Whether every prompt record is GenEval metadata (the official layout can then hold it)."""
+    return bool(records) and all("tag" in r and isinstance(r.get("include"), list) for r in records)
+
+
+class PredictBatches:
+    """The predict batches of a SelfRewardDataModule: t2i over its prompts, then i2t over its images,
+    `inputs_per_step` inputs each, leaving out batches whose every input `writer` has written.
+    Image batches read their pixels when iterated; an unreadable image is an error."""
+
+    def __init__(self, dm: Any, writer: "BestOfKWriter") -> None:
+        self.dm, self.writer = dm, writer
+        self.plan: list[tuple[str, int, list[int]]] = []
+        self.skipped = 0
+        for direction, n in (("t2i", len(dm.records)), ("i2t", len(dm.image_files))):
+            done = writer.done(direction) if n else set()
+            for b, indices in enumerate(chunks(n, dm.inputs_per_step)):
+                if all(i in done for i in indices):
+                    self.skipped += len(indices)
+                else:
+                    self.plan.append((direction, b, indices))
+            if n:
+                what = "prompts" if direction == "t2i" else "images"
+                rank_zero_info(f"BestOfKWriter: {len(done)} of {n} {what} already in {writer.out_dir}, "
+                               f"{n - len(done)} to do (best of {writer.best_of})")
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        from dualfw.training.images import load_image
+
+        dm = self.dm
+        for direction, b, indices in self.plan:
+            batch = {"direction": direction, "batch": b, "indices": indices, "seed": batch_seed(dm.seed, direction, b),
+                     "best_of": self.writer.best_of}
+            if direction == "t2i":
+                batch["prompts"] = [dm.records[i]["prompt"] for i in indices]
+                batch["sampling"] = asdict(dm.sampling)
+            else:
+                size = int(dm.trainer.lightning_module.model.image_size)
+                pixels = []
+                for i in indices:
+                    image = load_image(dm.image_files[i], size)
+                    if image is None:
+                        raise ConfigError(f"cannot read image '{dm.image_files[i]}' (data.images)")
+                    pixels.append(image)
+                batch.update(images=[str(dm.image_files[i]) for i in indices], pixels=torch.stack(pixels),
+                             text_sampling=asdict(dm.text_sampling), instruction=dm.instruction)
+            yield batch
+
+
+@torch.no_grad()
+def predict_group(policy: Any, batch: dict) -> dict:
+    """K samples per input of a predict batch from the policy's model, rewarded by its scorer:
+    {"rewards": (B, K), "tokens": (B, K, N) image tokens (t2i) | "texts": B lists of K (i2t)}."""
+    k = int(batch["best_of"])
+    if batch["direction"] == "t2i":
+        group = rollout_t2i(policy.model, policy.scorer, batch["prompts"], k, ImageSampling(**batch["sampling"]),
+                            seed=batch["seed"])
+        return {"rewards": group.rewards.float(), "tokens": group.image_tokens}
+    group = rollout_i2t(policy.model, policy.scorer, batch["pixels"], k, TextSampling(**batch["text_sampling"]),
+                        batch["instruction"], seed=batch["seed"])
+    return {"rewards": group.rewards.float(), "texts": group.texts}
+
+
+def find_writer(trainer: L.Trainer) -> "BestOfKWriter":
+    """The trainer's BestOfKWriter; `dualfw predict` needs one to know K and where to write."""
+    writers = [c for c in trainer.callbacks if isinstance(c, BestOfKWriter)]
+    if len(writers) != 1:
+        raise ConfigError(
+            f"dualfw predict needs exactly one dualfw.BestOfKWriter callback, found {len(writers)} "
+            "(add --config conf/predict.yaml)"
+        )
+    return writers[0]
+
+
+class BestOfKWriter(BasePredictionWriter):
+    """Writes the best of K self-rewarded samples per input (and with `keep` all or pairs, the
+    others) as PNGs and JSON lines, resuming where an earlier run into `out_dir` stopped.
+
+    Args:
+        out_dir: the output folder; None: `<run folder>/predictions`.
+        best_of: K, candidates sampled per input (1: plain sampling).
+        keep: "best" (the chosen sample), "all" (every candidate, with its reward: an SFT or
+            reward data set) or "pairs" (the chosen and the rejected: a preference data set).
+        layout: "auto" (GenEval's official layout when every prompt is GenEval metadata, else
+            plain), "geneval" or "plain".
+    """
+
+    def __init__(self, out_dir: str | None = None, best_of: int = 8, keep: Keep = "best", layout: Layout = "auto") -> None:
+        super().__init__(write_interval="batch")
+        if best_of < 1:
+            raise ConfigError(f"BestOfKWriter.best_of must be at least 1, got {best_of}")
+        if keep not in KEEPS:
+            raise ConfigError(f"BestOfKWriter.keep must be one of {', '.join(KEEPS)}, got {keep!r}")
+        if layout not in ("auto", "geneval", "plain"):
+            raise ConfigError(f"BestOfKWriter.layout must be auto, geneval or plain, got {layout!r}")
+        self.out_dir_option, self.best_of, self.keep, self.layout_option = out_dir, best_of, keep, layout
+        self.out_dir: Path | None = None
+        self.layout = "plain"
+        self.written = {"t2i": 0, "i2t": 0}
+        self._done: dict[str, set[int]] = {}
+
+    # ---- the folder -------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        from dualfw.training.datamodule import run_folder
+
+        if trainer.world_size > 1:
+            raise ConfigError("dualfw predict writes from one process: set --trainer.devices 1")
+        dm = trainer.datamodule
+        if not hasattr(dm, "records"):
+            raise ConfigError("BestOfKWriter needs a dualfw.SelfRewardDataModule (data.class_path)")
+        self.out_dir = Path(self.out_dir_option) if self.out_dir_option else run_folder(trainer) / "predictions"
+        if self.layout_option == "auto":
+            self.layout = "geneval" if is_geneval(dm.records) else "plain"
+        else:
+            self.layout = self.layout_option
+            if self.layout == "geneval" and dm.records and not is_geneval(dm.records):
+                raise ConfigError("BestOfKWriter.layout geneval needs GenEval metadata prompts (tag, include, prompt)")
+        self._check_settings(self._settings(dm))
+        self._done = {}
+        self.written = {"t2i": 0, "i2t": 0}
+
+    def _settings(self, dm: Any) -> dict:
+        digest = hashlib.sha256()
+        for r in dm.records:
+            digest.update(json.dumps(r, sort_keys=True).encode())
+        for f in dm.image_files:
+            digest.update(str(f).encode())
+        return {
+            "best_of": self.best_of, "keep": self.keep, "layout": self.layout, "seed": dm.seed,
+            "inputs_per_step": dm.inputs_per_step, "sampling": asdict(dm.sampling),
+            "text_sampling": asdict(dm.text_sampling), "instruction": dm.instruction,
+            "inputs": digest.hexdigest()[:16],
+        }
+
+    def _check_settings(self, settings: dict) -> None:
+        path = self.out_dir / "predict.json"
+        if path.is_file():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            changed = [k for k in settings if old.get(k) != settings[k]]
+            if changed:
+                k = changed[0]
+                raise ConfigError(
+                    f"out_dir '{self.out_dir}' holds predictions made with other settings ({k}: {old.get(k)!r}, "
+                    f"now {settings[k]!r}): use another BestOfKWriter.out_dir or delete it"
+                )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+
+    def lines_path(self, direction: str) -> Path:
+        """The JSON-lines file of `direction`: one line per input written."""
+        if direction == "i2t":
+            return self.out_dir / LINES["i2t"]
+        return self.out_dir / ("predictions.jsonl" if self.layout == "geneval" else "metadata.jsonl")
+
+    def done(self, direction: str) -> set[int]:
+        """Input indices of `direction` whose line is written and whose files are all there; other
+        lines (cut short by an interrupt, or naming a deleted file) are dropped from the file."""
+        if direction not in self._done:
+            path, found = self.lines_path(direction), set()
+            if path.is_file():
+                text = path.read_text(encoding="utf-8")
+                lines = text.splitlines(keepends=True)
+                kept = [line for line in lines if line.endswith("\n") and self._complete(json.loads(line))]
+                if len(kept) != len(lines):
+                    path.write_text("".join(kept), encoding="utf-8")
+                found = {json.loads(line)["index"] for line in kept}
+            self._done[direction] = found
+        return self._done[direction]
+
+    def _complete(self, line: dict) -> bool:
+        return all((self.out_dir / name).is_file() for name in line.get("file_names", []))
+
+    def _sort_lines(self, direction: str) -> None:
+        """Lines in input order, as one uninterrupted run writes them (a resumed run appends the
+        inputs it redid after the others)."""
+        path = self.lines_path(direction)
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            ordered = sorted(lines, key=lambda line: json.loads(line)["index"])
+            if ordered != lines:
+                path.write_text("".join(ordered), encoding="utf-8")
+
+    # ---- writing ----------------------------------------------------------------------------------
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+        direction, done = batch["direction"], self.done(batch["direction"])
+        rewards = prediction["rewards"].float().cpu()
+        chosen, rejected = rewards.argmax(-1).tolist(), rewards.argmin(-1).tolist()
+        kept = [self._kept(rewards.shape[1], c, r) for c, r in zip(chosen, rejected)]
+        if direction == "t2i":
+            # every row's kept candidates in one decode, whichever rows are missing: the pixels
+            # then never depend on what an earlier run wrote
+            rows = torch.tensor([row for row, ks in enumerate(kept) for _ in ks])
+            cols = torch.tensor([c for ks in kept for c in ks])
+            with trainer.precision_plugin.forward_context():
+                images = to_uint8(pl_module.model.decode_images(prediction["tokens"][rows, cols]))
+            starts = np.cumsum([0] + [len(ks) for ks in kept])
+        lines = []
+        for row, index in enumerate(batch["indices"]):
+            if index in done:
+                continue
+            line = {"index": index}
+            if direction == "t2i":
+                files = self._write_images(index, trainer.datamodule.records[index], images[starts[row] : starts[row + 1]],
+                                           kept[row], chosen[row])
+                record = trainer.datamodule.records[index]
+                line.update(prompt=record["prompt"], file_name=files[kept[row].index(chosen[row])], file_names=files,
+                            candidates=kept[row])
+            else:
+                texts = prediction["texts"][row]
+                line.update(image=batch["images"][row], description=texts[chosen[row]], descriptions=texts)
+            line.update(rewards=rewards[row].tolist(), chosen=chosen[row], rejected=rejected[row], seed=batch["seed"])
+            if direction == "t2i":
+                line["meta"] = {k: v for k, v in trainer.datamodule.records[index].items() if k != "prompt"}
+            lines.append(line)
+            done.add(index)
+        with open(self.lines_path(direction), "a", encoding="utf-8") as fp:
+            for line in lines:
+                fp.write(json.dumps(line) + "\n")
+        self.written[direction] += len(lines)
+
+    def _kept(self, k: int, chosen: int, rejected: int) -> list[int]:
+        """The candidates written: the chosen one, every one, or the chosen and the rejected."""
+        if self.keep == "all":
+            return list(range(k))
+        if self.keep == "pairs":
+            return [chosen, rejected]
+        return [chosen]
+
+    def _write_images(self, index: int, record: dict, images: np.ndarray, kept: list[int], chosen: int) -> list[str]:
+        """Write the kept candidates' PNGs of prompt `index`; their paths relative to out_dir."""
+        from PIL import Image
+
+        files = []
+        if self.layout == "geneval":
+            folder = self.out_dir / f"{index:05d}"
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+            Image.fromarray(images[kept.index(chosen)]).save(folder / "samples" / "0000.png")
+            if self.keep == "best":
+                return [f"{index:05d}/samples/0000.png"]
+            (folder / "candidates").mkdir(exist_ok=True)
+            for c, image in zip(kept, images):  # the chosen one is samples/0000.png
+                if c != chosen:
+                    Image.fromarray(image).save(folder / "candidates" / f"{c:02d}.png")
+                files.append(f"{index:05d}/samples/0000.png" if c == chosen else f"{index:05d}/candidates/{c:02d}.png")
+            return files
+        (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
+        for c, image in zip(kept, images):
+            name = f"images/{index:05d}_{c:02d}.png"
+            Image.fromarray(image).save(self.out_dir / name)
+            files.append(name)
+        return files
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        for direction, what, n in (("t2i", "prompts", len(dm.records)), ("i2t", "images", len(dm.image_files))):
+            if n:
+                self._sort_lines(direction)
+                rank_zero_info(f"BestOfKWriter: {self.written[direction]} {what} written, {n} of {n} in "
+                               f"{self.lines_path(direction)}")
