@@ -1,5 +1,5 @@
 """The Shapes self-reward study: does dual self-reward training improve the shipped base model,
-and by more than a random-pair control? (issue 5, item 6)
+and by more than a random-pair control?
 
     export OMP_NUM_THREADS=1
     python benchmarks/shapes.py --out runs/study                 # the whole study, 2 jobs at a time
@@ -18,8 +18,10 @@ the overrides shown in the table's "command" column; every evaluation is
   joint              conf/dual.yaml: both directions every step
   tokens             where a sampled image's likelihood sits, base vs self (background tokens)
 
-Each part writes `<out>/<name>/report.json`; a part whose report exists is not redone (a crashed
-study resumes where it stopped). Then the table prints (and is written to `<out>/table.md`):
+`--seeds 2,3` evaluates every part (base, best-of-K and each fit's export) with each of those
+sampling seeds, one row per part and seed (`self@seed2`); by default each part is evaluated with
+seed 0 and the base also with seed 1. Each part writes `<out>/<name>/report.json`; a part whose
+report exists is not redone (a crashed study resumes where it stopped). Then the table prints (and is written to `<out>/table.md`):
 GenEval-style lenient and strict overall with 95% CIs, objects per image, per-tag accuracy, and
 POPE-style accuracy per split.
 """
@@ -80,21 +82,22 @@ def fit(name: str, out: Path, args) -> tuple[str, list[str], float | None]:
     return str(export), ["dualfw", "fit", *FITS[name], *base, *steps, *args.extra], seconds
 
 
-def study_part(name: str, out: Path, args) -> dict:
-    """One row of the table: fit (if a training run) then evaluate."""
+def study_part(name: str, out: Path, args, seed: int = 0) -> dict:
+    """One row of the table: fit (if a training run, once for every seed) then evaluate with `seed`."""
+    label = name if name in ("base@seed1", "tokens") or not args.seeds else f"{name}@seed{seed}"
     if name == "base":
-        return {"report": evaluate("base", args.base, out, args, seed=0), "command": "(no training)"}
+        return {"report": evaluate(label, args.base, out, args, seed=seed), "command": "(no training)"}
     if name == "base@seed1":
         return {"report": evaluate("base@seed1", args.base, out, args, seed=1), "command": "(no training; sampling seed 1)"}
     if name == "best-of-K":
-        report = evaluate("best-of-K", args.base, out, args, seed=0, flags=("--best-of", str(args.best_of), "--skip-pope"))
+        report = evaluate(label, args.base, out, args, seed=seed, flags=("--best-of", str(args.best_of), "--skip-pope"))
         return {"report": report, "command": f"(no training; best of {args.best_of} by R_G)"}
     if name == "tokens":  # where the likelihood of the base's and the self-reward run's images sits
         flags = ("--skip-geneval", "--skip-pope", "--tokens")
         models = {"base": args.base, "self": str(out / "self" / "fit" / "export")}
         return {m: evaluate(f"tokens-{m}", path, out, args, flags=flags)["tokens"] for m, path in models.items()}
     export, shown, seconds = fit(name, out, args)
-    report = evaluate(name, export, out, args, seed=0)
+    report = evaluate(label, export, out, args, seed=seed)
     return {"report": report, "command": shlex.join(shown), "fit_seconds": seconds}
 
 
@@ -160,18 +163,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--best-of", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=2, help="parts run at once (one core each)")
     ap.add_argument("--extra", default="", help="overrides appended to every fit, e.g. '--model.init_args.chosen_nll_weight 0.1'")
+    ap.add_argument("--seeds", default="", help="comma-separated sampling seeds every part is evaluated with (default: 0)")
     args = ap.parse_args(argv)
+    args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.extra = shlex.split(args.extra)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if args.seeds:  # base@seed1 is the default's second seed; --seeds replaces it
+        names = [n for n in names if n != "base@seed1"]
     unknown = [n for n in names if n not in ("base", "base@seed1", "best-of-K", *FITS, "tokens")]
     if unknown:
         ap.error(f"--only: unknown part {unknown[0]!r}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.time()
+    seeds = args.seeds or [0]
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {n: pool.submit(study_part, n, out, args) for n in names if n != "tokens"}
-        rows = {n: f.result() for n, f in futures.items()}
+        # every seed's evaluation of a fit waits for that one fit (fit() skips an existing export)
+        first = {n: pool.submit(study_part, n, out, args, seeds[0]) for n in names if n != "tokens"}
+        rows = {}
+        for n, f in first.items():
+            rows[n if not args.seeds else f"{n}@seed{seeds[0]}"] = f.result()
+        later = {f"{n}@seed{s}": pool.submit(study_part, n, out, args, s) for s in seeds[1:] for n in first}
+        rows.update({key: f.result() for key, f in later.items()})
     if "tokens" in names:  # reads the self run's export, so after the fits
         rows["tokens"] = study_part("tokens", out, args)
     text = table(rows)
