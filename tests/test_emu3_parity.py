@@ -185,3 +185,16 @@ def test_lora_adapts_the_language_model_only_and_exports_merged(tiny_emu3_folder
         torch.testing.assert_close(reloaded.text_logprobs(Images(tokens=tokens), ["a circle"], "Describe this image.")[0], text, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="no generation-only modules"):
         reloaded.generation_modules()
+
+
+def test_folders_and_sizes_that_are_not_emu3_are_refused_by_name(tmp_path, tiny_emu3_folder):
+    import json
+
+    from dualfw.adapters.emu3 import Emu3Adapter
+    from dualfw.core.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "janus"}))
+    with pytest.raises(ConfigError, match="model_type 'janus'.*needs model_type 'emu3'"):
+        Emu3Adapter(path=str(tmp_path))
+    with pytest.raises(ConfigError, match="not a multiple of 8"):
+        Emu3Adapter(path=str(tiny_emu3_folder), image_size=60)

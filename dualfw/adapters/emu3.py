@@ -87,20 +87,19 @@ class Emu3Adapter(LMMAdapter):
         super().__init__()
         if dtype not in _DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        tiny = tiny or TinyEmu3Spec()
+        image_size = image_size or (tiny.image_size if path is None else 720)
+        if image_size <= 0 or image_size % DOWNSAMPLE:
+            raise ConfigError(f"image_size {image_size} is not a multiple of {DOWNSAMPLE} (Emu3's VQ downsampling)")
         if path is None:
-            tiny = tiny or TinyEmu3Spec()
             model, processor = build_tiny_emu3(tiny)
             model = model.to(_DTYPES[dtype])
-            image_size = image_size or tiny.image_size
         else:
             from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
             folder = check_emu3_folder(path)
             model = Emu3ForConditionalGeneration.from_pretrained(folder, dtype=_DTYPES[dtype], local_files_only=True)
             processor = Emu3Processor.from_pretrained(folder, local_files_only=True)
-            image_size = image_size or 720
-        if image_size % DOWNSAMPLE:
-            raise ConfigError(f"image_size {image_size} is not a multiple of {DOWNSAMPLE} (Emu3's VQ downsampling)")
         # Emu3TextConfig defaults to attention dropout 0.1: log-probs of one sample would differ
         # between two train-mode calls. from_pretrained(attention_dropout=0) is refused; the config is not.
         model.config.text_config.attention_dropout = 0.0
