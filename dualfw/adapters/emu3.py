@@ -42,9 +42,14 @@ def check_emu3_folder(path: str | Path) -> Path:
     if not config_file.is_file():
         raise MissingFileError(f"model folder '{folder}' has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"'{config_file}' is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"'{config_file}' is not UTF-8 text (byte {err.start}): a corrupt config.json") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"'{config_file}' is not a JSON object")
+    model_type = config.get("model_type")
     if model_type == "Emu3":
         raise ConfigError(
             f"'{config_file}' is BAAI's original Emu3 format (remote code); use a transformers conversion "
