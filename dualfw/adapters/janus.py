@@ -35,9 +35,14 @@ def check_janus_folder(path: str | Path) -> Path:
     if not config_file.is_file():
         raise MissingFileError(f"model folder '{folder}' has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"'{config_file}' is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"'{config_file}' is not UTF-8 text (byte {err.start}): a corrupt config.json") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"'{config_file}' is not a JSON object")
+    model_type = config.get("model_type")
     if model_type == "multi_modality":
         raise ConfigError(
             f"'{config_file}' is DeepSeek's original Janus format (model_type 'multi_modality'); use the "
@@ -47,6 +52,32 @@ def check_janus_folder(path: str | Path) -> Path:
         raise ConfigError(
             f"'{config_file}' has model_type {model_type!r}, not a unified LMM: JanusAdapter needs model_type 'janus'"
         )
+    # the weights: there and readable (safetensors header and sizes), without loading them
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"'{index}' is not a valid safetensors index ({type(err).__name__}: {err})") from None
+        files = [folder / name for name in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            if any(folder.glob("pytorch_model*.bin")):
+                return folder  # torch weights: transformers reads them
+            raise MissingFileError(f"model folder '{folder}' has no weights (model.safetensors)")
+    for file in files:
+        if not file.is_file():
+            raise MissingFileError(f"model folder '{folder}' lacks the weight file '{file.name}' that its index names")
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                names = list(weights.keys())
+        except Exception as err:  # safetensors raises its own SafetensorError for every kind of damage
+            raise ConfigError(f"'{file}' is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        if not names:
+            raise ConfigError(f"'{file}' holds no tensors")
     return folder
 
 

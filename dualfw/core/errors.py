@@ -9,6 +9,10 @@ class MissingFileError(ConfigError, FileNotFoundError):
     """A file or folder named in the config does not exist."""
 
 
+class StalledRunError(ConfigError):
+    """The run cannot make progress with its inputs (e.g. no sampling round gives a preference pair)."""
+
+
 def find_config_error(exc: BaseException) -> ConfigError | None:
     """The ConfigError behind `exc`, following the chain jsonargparse and Lightning wrap it in."""
     seen = set()

@@ -44,22 +44,42 @@ from dualfw.core.errors import ConfigError
 
 @dataclass
 class ImageSampling:
-    """How images are sampled. guidance_scale 1 disables classifier-free guidance; 0 temperature
-    means greedy; top_k 0 and top_p 1 disable those filters."""
+    """How images are sampled. guidance_scale 1 disables classifier-free guidance (below 1 is
+    refused); 0 temperature means greedy; top_k 0 and top_p 1 disable those filters."""
 
     guidance_scale: float = 5.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not self.guidance_scale >= 1:
+            raise ConfigError(f"guidance_scale must be >= 1 (1: no classifier-free guidance), got {self.guidance_scale}")
+        _check_common(self)
+        if not self.top_k >= 0:
+            raise ConfigError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+
 
 @dataclass
 class TextSampling:
-    """How descriptions are sampled (understanding direction)."""
+    """How descriptions are sampled (understanding direction); 0 temperature means greedy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not self.max_new_tokens >= 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def _check_common(sampling) -> None:
+    """The temperature and top_p bounds both samplers share (NaN fails every comparison)."""
+    if not sampling.temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0 (0: greedy), got {sampling.temperature}")
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (1: no nucleus filter), got {sampling.top_p}")
 
 
 class Images:

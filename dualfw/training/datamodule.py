@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from dualfw.training.images import list_images, load_image
 from dualfw.training.prompts import read_prompts
-from dualfw.training.rollouts import RolloutWriter
-from dualfw.core.errors import ConfigError
+from dualfw.training.rollouts import RolloutWriter, read_rollouts
+from dualfw.core.errors import ConfigError, StalledRunError
 from dualfw.core.interface import ImageSampling, TextSampling
 from dualfw.core.selfreward import PAIRINGS, Group, Pairing, rollout_i2t, rollout_t2i
 
@@ -66,17 +66,37 @@ def eval_mode(module: torch.nn.Module):
 
 
 class SelfRewardStream:
-    """An iterable over training batches; stateful, so a resumed run continues where it stopped."""
+    """An iterable over training batches, one per sampling round; stateful, so a resumed run
+    continues where it stopped.
+
+    Its state is the first round not yet trained (`trained` is called as each batch enters the
+    training step), not the sampling position: Lightning fetches one batch ahead, so the latest
+    sampled round is not trained yet when a checkpoint is written. A resumed run trains the rounds
+    it finds whole in the run's rollouts file as read back (not sampled again) and samples from
+    the first round the file lacks.
+    """
 
     def __init__(self, dm: "SelfRewardDataModule") -> None:
         self.dm = dm
-        self.epoch, self.position = 0, 0  # position: sampling round within this epoch
+        self.epoch, self.position = 0, 0  # the next round to yield: its epoch and place in the epoch
+        self._untrained = (0, 0)  # the first round not trained yet
+        self._on_disk: dict[int, list[dict]] | None = None  # round -> its records, read once per process
+        self._without_pairs = 0  # consecutive rounds without a single pair
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        epoch, position = self._untrained
+        return {"epoch": epoch, "position": position}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
+        self._untrained = (self.epoch, self.position)
+
+    def trained(self, epoch: int, index: int) -> None:
+        """Round `index` of `epoch` has entered the training step: every rank's round of that
+        optimizer step counts as trained."""
+        world = self.dm.trainer.world_size if self.dm.trainer is not None else 1
+        after = (index // world + 1) * world
+        self._untrained = (epoch + 1, 0) if after >= self.rounds_per_epoch() else (epoch, after)
 
     def _chunk(self, n: int, epoch: int, index: int) -> list[int]:
         """Input indices of round `index` of an epoch (inputs cycle when a direction has fewer)."""
@@ -93,30 +113,67 @@ class SelfRewardStream:
         dm, trainer = self.dm, self.dm.trainer
         policy = trainer.lightning_module
         rank, world = trainer.global_rank, trainer.world_size
+        if self._on_disk is None:
+            self._on_disk = dm.read_back(self.epoch * self.rounds_per_epoch() + self.position)
         while self.position < self.rounds_per_epoch():
             index = self.position
             self.position += 1
             if index % world != rank:
                 continue
-            step = self.epoch * self.rounds_per_epoch() + index
+            step = self.epoch * self.rounds_per_epoch() + index  # the round, counted over epochs
             seed = int(np.random.SeedSequence([dm.seed, self.epoch, index]).generate_state(1)[0])
-            batch = {}
-            for direction in directions_at(dm.schedule, step, dm.alternate_every):
-                # the training step's precision (autocast for "bf16-mixed"): under FSDP1 mixed
-                # precision, sharded units compute in bf16 while the root's weights stay float32,
-                # so sampling without it fails ("expected scalar type BFloat16 but found Float")
-                with eval_mode(policy), trainer.precision_plugin.forward_context():
-                    group = dm.sample(direction, policy, self._chunk, self.epoch, index, seed)
-                if group is not None:
-                    dm.record(group, seed, epoch=self.epoch, step=trainer.global_step)
-                    # with several ranks every rank must take a training step (its collectives),
-                    # so a group without pairs still goes in (the Policy gives it a zero loss)
-                    if len(group.pairs) or dm.keep_unpaired or world > 1:
-                        batch[direction] = group
-            if batch:
-                batch["stats"] = {"unreadable_images": float(len(dm.skipped_images))}
-                yield batch
+            groups = None
+            if step in self._on_disk:
+                groups = dm.groups_from_records(self._on_disk.pop(step), policy, self._chunk, self.epoch, index, step)
+            if groups is None:
+                groups = {}
+                for direction in directions_at(dm.schedule, step, dm.alternate_every):
+                    # the training step's precision (autocast for "bf16-mixed"): under FSDP1 mixed
+                    # precision, sharded units compute in bf16 while the root's weights stay float32,
+                    # so sampling without it fails ("expected scalar type BFloat16 but found Float")
+                    with eval_mode(policy), trainer.precision_plugin.forward_context():
+                        group = dm.sample(direction, policy, self._chunk, self.epoch, index, seed)
+                    if group is not None:
+                        groups[direction] = group
+                if groups:
+                    dm.record(groups, seed, epoch=self.epoch, round=step, step=trainer.global_step)
+            self._check_pairs(groups)
+            # a round without pairs still goes in: it is counted (data/skipped_inputs) and takes its
+            # step, and with several ranks every rank must take a training step (its collectives)
+            batch = dict(groups)
+            batch["stats"] = {"unreadable_images": float(len(dm.skipped_images))}
+            batch["round"] = (self.epoch, index)
+            yield batch
         self.epoch, self.position = self.epoch + 1, 0
+
+    def _check_pairs(self, groups: dict[str, Group]) -> None:
+        """Stop a run whose last `max_rounds_without_pairs` rounds gave no pair, naming the likely cause."""
+        limit = self.dm.max_rounds_without_pairs
+        if any(len(group.pairs) for group in groups.values()):
+            self._without_pairs = 0
+            return
+        self._without_pairs += 1
+        if not limit or self._without_pairs < limit:
+            return
+        dm = self.dm
+        if not groups:
+            cause = f"every image was unreadable ({len(dm.skipped_images)} skipped, see the warnings; data.images)"
+        elif all(_samples_equal(group) for group in groups.values()):
+            cause = ("all K samples of every input were equal: greedy or near-greedy sampling "
+                     "(data.sampling / data.text_sampling temperature 0, or a tiny top_p / top_k 1)")
+        else:
+            cause = f"the K rewards of every input were within data.margin {dm.margin} of each other"
+        raise StalledRunError(
+            f"{self._without_pairs} consecutive sampling rounds gave no preference pair: {cause} "
+            f"(data.max_rounds_without_pairs {limit})"
+        )
+
+
+def _samples_equal(group: Group) -> bool:
+    """Whether each input's K samples are all the same."""
+    if group.direction == "t2i":
+        return bool((group.image_tokens == group.image_tokens[:, :1]).all())
+    return all(len(set(texts)) == 1 for texts in group.texts)
 
 
 class SelfRewardDataModule(L.LightningDataModule):
@@ -137,7 +194,11 @@ class SelfRewardDataModule(L.LightningDataModule):
         instruction: the user turn asking for a description in the i2t direction.
         pairing: "best_worst" (paper), "all" pairs, or "top_bottom" (top-k vs bottom-k).
         top_k: pairs per input for top_bottom.
-        margin: a pair needs a reward difference above this; inputs without a pair are skipped.
+        margin: a pair needs a reward difference above this (>= 0); inputs without a pair are
+            skipped (counted in data/skipped_inputs).
+        max_rounds_without_pairs: stop the run with an error naming the likely cause when this many
+            consecutive sampling rounds give no pair at all (greedy sampling, every image
+            unreadable); 0 never stops.
         seed: seeds the input order and every sampling round (a round's seed is in its rollout).
         shuffle: shuffle the inputs each epoch.
         progress: show a progress bar while sampling images.
@@ -160,8 +221,15 @@ class SelfRewardDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         progress: bool = True,
+        max_rounds_without_pairs: int = 20,
     ) -> None:
         super().__init__()
+        if margin < 0:
+            raise ConfigError(f"data.margin must be >= 0 (a pair needs a reward difference above it), got {margin}")
+        if max_rounds_without_pairs < 0:
+            raise ConfigError(f"data.max_rounds_without_pairs must be >= 0 (0: never stop), got {max_rounds_without_pairs}")
+        if not isinstance(sampling, ImageSampling) or not isinstance(text_sampling, TextSampling):
+            raise ConfigError("data.sampling must be an ImageSampling and data.text_sampling a TextSampling")
         if schedule not in SCHEDULES:
             raise ConfigError(f"data.schedule {schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
         if pairing not in PAIRINGS:
@@ -179,6 +247,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         self.sampling, self.text_sampling, self.instruction = sampling, text_sampling, instruction
         self.pairing, self.top_k, self.margin = pairing, top_k, margin
         self.seed, self.shuffle, self.progress = seed, shuffle, progress
+        self.max_rounds_without_pairs = max_rounds_without_pairs
         self.keep_unpaired = False  # set by the Policy for group losses (GRPO): they use every sample
         # read now: a bad file fails before any model loads
         self.records: list[dict] = read_prompts(prompts) if "t2i" in needs else []
@@ -243,25 +312,100 @@ class SelfRewardDataModule(L.LightningDataModule):
     def rollouts_path(self) -> Path:
         return run_folder(self.trainer) / "rollouts.jsonl"
 
-    def record(self, group: Group, seed: int, epoch: int, step: int) -> None:
-        """Append one line per input of `group` to the run's rollouts file (see dualfw.training.rollouts)."""
+    def rank_rollouts_path(self) -> Path:
+        """This rank's rollouts file: rollouts.jsonl, or rollouts.rank{r}.jsonl with several ranks."""
         path = self.rollouts_path
         if self.trainer.world_size > 1:
             path = path.with_name(f"rollouts.rank{self.trainer.global_rank}.jsonl")
+        return path
+
+    def record(self, groups: dict[str, Group], seed: int, epoch: int, round: int, step: int) -> None:
+        """Append one line per input of each group of a round to this rank's rollouts file, the
+        round in one write (see dualfw.training.rollouts)."""
+        path = self.rank_rollouts_path()
         if self._writer is None or self._writer.path != path:
             self._writer = RolloutWriter(path)
-        rewards = group.rewards.tolist()
-        pairs = group.pairs.tolist()
-        for i in range(len(rewards)):
-            line = {"direction": group.direction, "step": step, "epoch": epoch, "seed": seed}
-            if group.direction == "t2i":
-                line.update(prompt=group.prompts[i], image_tokens=group.image_tokens[i].tolist())
+        lines = []
+        for direction, group in groups.items():
+            rewards = group.rewards.tolist()
+            pairs = group.pairs.tolist()
+            for i in range(len(rewards)):
+                line = {"direction": direction, "round": round, "rank": self.trainer.global_rank, "item": i,
+                        "items": len(rewards), "directions": list(groups), "step": step, "epoch": epoch, "seed": seed}
+                if direction == "t2i":
+                    line.update(prompt=group.prompts[i], image_tokens=group.image_tokens[i].tolist())
+                else:
+                    line.update(image_tokens=group.image_tokens[i].tolist(), texts=group.texts[i])
+                line.update(
+                    meta=group.meta[i], rewards=rewards[i], pairs=[[c, r] for row, c, r in pairs if row == i]
+                )
+                lines.append(line)
+        self._writer.write_many(lines)
+
+    def read_back(self, first_round: int) -> dict[int, list[dict]]:
+        """This rank's rounds from `first_round` on that its rollouts file holds: sampled before a
+        crash but not trained. A torn last line is cut first (RolloutWriter)."""
+        path = self.rank_rollouts_path()
+        if not path.is_file():
+            return {}
+        self._writer = RolloutWriter(path)  # cuts a torn tail before reading
+        rounds: dict[int, list[dict]] = {}
+        for record in read_rollouts(path, dedupe=True):
+            if record.get("round", -1) >= first_round and record.get("rank", 0) == self.trainer.global_rank:
+                rounds.setdefault(record["round"], []).append(record)
+        return rounds
+
+    def groups_from_records(self, records: list[dict], policy, chunk, epoch: int, index: int, round: int) -> dict[str, Group] | None:
+        """A round's groups rebuilt from its records, as it was sampled; None when the round is
+        incomplete (cut short mid-write: it is sampled again). Records from other settings (inputs,
+        K) than this run's are refused: a run folder holds one run."""
+        directions = records[0].get("directions", [])
+        by_direction = {d: sorted((r for r in records if r["direction"] == d), key=lambda r: r["item"]) for d in directions}
+        if not directions or any(
+            not rs or [r["item"] for r in rs] != list(range(rs[0]["items"])) for rs in by_direction.values()
+        ):
+            return None
+        path = self.rank_rollouts_path()
+        device = policy.device
+        groups = {}
+        for direction, rs in by_direction.items():
+            mismatch = any(len(r["rewards"]) != self.k for r in rs)
+            rewards = torch.tensor([r["rewards"] for r in rs], dtype=torch.float32, device=device)
+            pairs = torch.tensor([[i, c, j] for i, r in enumerate(rs) for c, j in r["pairs"]], dtype=torch.long, device=device)
+            pairs = pairs.view(-1, 3)
+            if direction == "t2i":
+                expected = [self.records[i]["prompt"] for i in chunk(len(self.records), epoch, index)]
+                mismatch = mismatch or [r["prompt"] for r in rs] != expected
+                group = Group(
+                    "t2i", rewards, pairs, prompts=[r["prompt"] for r in rs],
+                    image_tokens=torch.tensor([r["image_tokens"] for r in rs], dtype=torch.long, device=device),
+                    guidance_scale=self.sampling.guidance_scale,
+                )
             else:
-                line.update(image_tokens=group.image_tokens[i].tolist(), texts=group.texts[i])
-            line.update(
-                meta=group.meta[i], rewards=rewards[i], pairs=[[c, r] for row, c, r in pairs if row == i]
-            )
-            self._writer.write(line)
+                files = [str(self.image_files[i]) for i in chunk(len(self.image_files), epoch, index)]
+                mismatch = mismatch or not {r["meta"]["image"] for r in rs} <= set(files)
+                images = [load_image(Path(r["meta"]["image"]), policy.model.image_size) for r in rs] if not mismatch else []
+                if any(image is None for image in images):
+                    return None
+                group = Group(
+                    "i2t", rewards, pairs, texts=[r["texts"] for r in rs], instruction=self.instruction,
+                    image_tokens=torch.tensor([r["image_tokens"] for r in rs], dtype=torch.long, device=device),
+                    pixels=torch.stack(images).to(device) if images else None,
+                )
+            if mismatch:
+                raise ConfigError(
+                    f"'{path}' round {round} was sampled with other inputs or k than this run's: resume with the "
+                    "run's own config, or start a new run folder"
+                )
+            group.meta = [r["meta"] for r in rs]
+            groups[direction] = group
+        return groups
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """The batch enters the training step: its round counts as trained (the stream's state)."""
+        if self._stream is not None and isinstance(batch, dict) and "round" in batch and self.trainer.training:
+            self._stream.trained(*batch["round"])
+        return batch
 
     def teardown(self, stage: str) -> None:
         if self._writer is not None:

@@ -19,7 +19,14 @@ def read_prompts(path: str | Path, key: str = "data.prompts") -> list[dict]:
     file = resolve_path(path)
     if not file.is_file():
         raise MissingFileError(f"prompt file '{file}' does not exist (set {key})")
-    lines = file.read_text(encoding="utf-8").splitlines()
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = data[: err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(f"{file}:{lineno}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}; save the file as UTF-8)") from None
+    lines = text.splitlines()
     first = next((line.strip() for line in lines if line.strip()), "")
     as_json = file.suffix in {".jsonl", ".json"} or first.startswith("{")
     records = []
