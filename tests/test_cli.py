@@ -203,3 +203,9 @@ def test_generation_only_training_refuses_lora(tiny_folder):
         Policy(JanusAdapter(path=str(tiny_folder)), train="generation", lora=LoraSpec(r=4))
     with pytest.raises(ConfigError, match="model.init_args.train must be 'all' or 'generation', got 'reading'"):
         Policy(JanusAdapter(path=str(tiny_folder)), train="reading")
+    from dualfw.core.selfreward import Group
+
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), train="generation")
+    group = Group("i2t", torch.zeros(1, 2), torch.tensor([[0, 0, 1]]), texts=[["a", "b"]])
+    with pytest.raises(ConfigError, match="'generation' trains drawing only: the i2t direction"):
+        policy.direction_loss(group)

@@ -172,6 +172,11 @@ class Policy(L.LightningModule):
     # ---- the loss of one direction -----------------------------------------------------------------
     def direction_loss(self, group: Group) -> tuple[torch.Tensor | None, dict]:
         """Loss and statistics of one direction's group of samples."""
+        if group.direction == "i2t" and self.train_parts == "generation":
+            raise ConfigError(
+                "model.init_args.train 'generation' trains drawing only: the i2t direction has nothing to "
+                "train (set model.init_args.train: all, or data.init_args.schedule: t2i)"
+            )
         kept = group.kept
         stats = {
             "reward/mean": group.rewards.float().mean(),
