@@ -172,3 +172,12 @@ def test_every_image_unreadable_stops_naming_it(tmp_path, tiny_folder, capsys, m
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         code, last = _main(args, capsys, monkeypatch)
     assert code == 2 and "no preference pair: every image was unreadable (4 skipped" in last, last
+
+
+def test_prompt_longer_than_the_context_is_named(tmp_path, tiny_folder, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n" + "two squares " * 3000 + "\n")
+    args = _stall_args(tmp_path, tiny_folder, T2I, f"--data.init_args.prompts={prompts}", "--data.init_args.progress=false")
+    code, last = _main(args, capsys, monkeypatch)
+    assert code == 2 and "data.prompts: prompt 2 ('two squares two squares" in last and "holds at most" in last, last
+    assert not list(tmp_path.rglob("rollouts.jsonl")), "refused before sampling"

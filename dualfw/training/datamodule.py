@@ -260,6 +260,28 @@ class SelfRewardDataModule(L.LightningDataModule):
         run_folder(self.trainer)  # on every rank, before any rank-0-only callback asks for it
         policy = self.trainer.lightning_module
         self.keep_unpaired = bool(getattr(getattr(policy, "loss", None), "over_groups", False))
+        if stage == "fit":
+            self.check_prompt_lengths(getattr(policy, "model", None))
+
+    def check_prompt_lengths(self, adapter) -> None:
+        """Refuse a prompt longer than the model's context holds with an image after it (when the
+        adapter exposes a tokenizer and a transformers config with max_position_embeddings)."""
+        tokenizer = getattr(getattr(adapter, "processor", None), "tokenizer", None)
+        config = getattr(getattr(adapter, "model", None), "config", None)
+        if not self.records or tokenizer is None or config is None:
+            return
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        if not limit:
+            return
+        room = limit - int(getattr(adapter, "num_image_tokens", 0)) - 32  # the chat template's own tokens
+        prompts = [r["prompt"] for r in self.records]
+        for i, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"]):
+            if len(ids) > room:
+                raise ConfigError(
+                    f"data.prompts: prompt {i + 1} ({prompts[i][:40]!r}...) is {len(ids)} tokens; the model's context "
+                    f"({limit} positions, {getattr(adapter, 'num_image_tokens', 0)} for the image) holds at most {room}"
+                )
 
     def train_dataloader(self) -> SelfRewardStream:
         if self._stream is None:
