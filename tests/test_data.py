@@ -1,6 +1,7 @@
 """Prompt files, rollouts, pairing and the self-reward, with their error cases."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -199,3 +200,47 @@ def test_rollouts_from_a_bad_value_is_named(tiny_folder):
 
     with pytest.raises(ConfigError, match="model.init_args.rollouts_from must be 'policy' or 'initial', got 'reference'"):
         Policy(JanusAdapter(path=str(tiny_folder)), rollouts_from="reference")
+
+
+@pytest.mark.parametrize(
+    "groups, cause",
+    [
+        ({}, "every image was unreadable (0 skipped"),
+        ({"t2i": "equal"}, "all K samples of every input were equal"),
+        ({"t2i": "apart"}, "the K rewards of every input were within data.margin 0.5"),
+    ],
+)
+def test_rounds_without_pairs_stop_the_run_naming_the_cause(tmp_path, groups, cause):
+    from dualfw.core.errors import StalledRunError
+    from dualfw.core.selfreward import Group
+    from dualfw.training.datamodule import SelfRewardDataModule, SelfRewardStream
+
+    (tmp_path / "p.txt").write_text("a circle\n")
+    dm = SelfRewardDataModule(prompts=str(tmp_path / "p.txt"), k=2, margin=0.5, max_rounds_without_pairs=3)
+    stream = SelfRewardStream(dm)
+    tokens = {"equal": torch.zeros(1, 2, 4, dtype=torch.long), "apart": torch.arange(8).view(1, 2, 4)}
+    made = {d: Group("t2i", torch.tensor([[0.1, 0.2]]), torch.zeros(0, 3, dtype=torch.long), prompts=["a circle"],
+                     image_tokens=tokens[kind]) for d, kind in groups.items()}
+    paired = Group("t2i", torch.tensor([[0.1, 0.9]]), torch.tensor([[0, 1, 0]]), prompts=["a circle"], image_tokens=tokens["apart"])
+    stream._check_pairs(made)
+    stream._check_pairs(made)
+    stream._check_pairs({"t2i": paired})  # a pair resets the count
+    stream._check_pairs(made)
+    stream._check_pairs(made)
+    with pytest.raises(StalledRunError, match=r"^3 consecutive sampling rounds gave no preference pair: " + re.escape(cause)):
+        stream._check_pairs(made)
+
+
+def test_margin_and_sampling_bounds_are_refused():
+    from dualfw.core.interface import ImageSampling, TextSampling
+    from dualfw.training.datamodule import SelfRewardDataModule
+
+    with pytest.raises(ConfigError, match="data.margin must be >= 0"):
+        SelfRewardDataModule(prompts="dualfw:assets/shapes_prompts.txt", margin=-0.1)
+    for bad, message in [(dict(temperature=-1), "temperature must be >= 0"), (dict(top_p=0), "top_p must be in"),
+                         (dict(top_k=-1), "top_k must be >= 0"), (dict(guidance_scale=0.5), "guidance_scale must be >= 1")]:
+        with pytest.raises(ConfigError, match=message):
+            ImageSampling(**bad)
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
+        TextSampling(max_new_tokens=0)
+    assert ImageSampling(temperature=0, guidance_scale=1).temperature == 0  # greedy stays allowed
