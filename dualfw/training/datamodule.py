@@ -4,7 +4,8 @@ Each training batch is made when Lightning asks for it: the current policy sampl
 prompt (t2i) and/or K descriptions per image (i2t), the DualScorer rewards them, pairs are drawn,
 and every rollout is appended to `<run folder>/rollouts.jsonl` before the batch is yielded.
 Lightning fetches one batch ahead, so a batch is sampled by the policy as it was one optimizer
-step earlier.
+step earlier. A checkpoint records the first round not trained; a resumed run trains the rounds
+its rollouts file already holds as read back, so it continues as if never stopped.
 """
 
 from __future__ import annotations
@@ -248,7 +249,6 @@ class SelfRewardDataModule(L.LightningDataModule):
         self.pairing, self.top_k, self.margin = pairing, top_k, margin
         self.seed, self.shuffle, self.progress = seed, shuffle, progress
         self.max_rounds_without_pairs = max_rounds_without_pairs
-        self.keep_unpaired = False  # set by the Policy for group losses (GRPO): they use every sample
         # read now: a bad file fails before any model loads
         self.records: list[dict] = read_prompts(prompts) if "t2i" in needs else []
         self.image_files: list[Path] = list_images(images) if "i2t" in needs else []
@@ -259,7 +259,6 @@ class SelfRewardDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         run_folder(self.trainer)  # on every rank, before any rank-0-only callback asks for it
         policy = self.trainer.lightning_module
-        self.keep_unpaired = bool(getattr(getattr(policy, "loss", None), "over_groups", False))
         if stage == "fit":
             self.check_prompt_lengths(getattr(policy, "model", None))
 
