@@ -177,16 +177,16 @@ def _is_rank_zero() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
-def prepare_run_folder(trainer, ckpt_path) -> None:
-    """Before a fit writes anything: refuse a run folder that already holds a run unless resuming
-    it (--ckpt_path), so two runs' rollouts never share a file; clear the partial files of
-    checkpoint writes a crash interrupted, and make new ones land beside the checkpoints."""
+def prepare_run_folder(trainer, ckpt_path, self_reward: bool = True) -> None:
+    """Before a fit writes anything: refuse a self-reward run folder that already holds a run
+    unless resuming it (--ckpt_path), so two runs' rollouts never share a file; clear the partial
+    files of checkpoint writes a crash interrupted, and make new ones land beside the checkpoints."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     folder = Path(trainer.log_dir or trainer.default_root_dir)
     callback = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
     checkpoints = Path(callback.dirpath) if callback is not None and callback.dirpath else folder / "checkpoints"
-    if ckpt_path is None:
+    if ckpt_path is None and self_reward:
         held = [p.name for p in folder.glob("rollouts*.jsonl") if p.stat().st_size > 0]
         held += [f"checkpoints/{p.name}" for p in checkpoints.glob("*.ckpt")] if checkpoints.is_dir() else []
         if held:
@@ -195,12 +195,12 @@ def prepare_run_folder(trainer, ckpt_path) -> None:
                 "--ckpt_path last, or start a new one in another folder (leave trainer.logger.init_args.version "
                 "unset for the next free version_N)"
             )
-    elif ckpt_path not in _CKPT_NAMES and Path(ckpt_path).expanduser().resolve().parent != checkpoints.resolve():
+    elif ckpt_path is not None and ckpt_path not in _CKPT_NAMES and Path(ckpt_path).expanduser().resolve().parent != checkpoints.resolve():
         rank_zero_warn(
             f"--ckpt_path '{ckpt_path}' is not in this run's checkpoint folder '{checkpoints}': the run continues in "
             f"'{folder}' (resume a run in its own folder with its version and --ckpt_path last)"
         )
-    if "://" in str(checkpoints):
+    if callback is None or "://" in str(checkpoints):
         return
     partial = checkpoints / ".partial"
     if _is_rank_zero() and partial.is_dir():
@@ -237,7 +237,10 @@ def _bad_config_file(args) -> str | None:
 
 class DualfwCLI(LightningCLI):
     def before_fit(self) -> None:
-        prepare_run_folder(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+        from dualfw.training.datamodule import SelfRewardDataModule
+
+        self_reward = isinstance(self.datamodule, SelfRewardDataModule)
+        prepare_run_folder(self.trainer, self.config[self.subcommand].get("ckpt_path"), self_reward)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         # parse without jsonargparse's usage dump; report the culprit in one line
