@@ -54,10 +54,14 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
     from dualfw.adapters.janus import JanusAdapter
     from dualfw.training.scorer import DualScorer
 
-    scorer = DualScorer()
+    # (the recipe's batch_contrast: relative to the round's other prompt, so the whole round is rescored)
+    round_ = [r for r in rollouts if r["seed"] == first["seed"]]
+    assert len(round_) == 2
+    scorer = DualScorer(batch_contrast=True)
     scorer.attach(JanusAdapter(path=str(tiny_folder)))
-    recomputed = scorer.image_rewards(torch.tensor(first["image_tokens"]), [first["prompt"]] * 3)
-    assert torch.allclose(recomputed, torch.tensor(first["rewards"]), atol=1e-4)
+    tokens = torch.tensor([t for r in round_ for t in r["image_tokens"]])
+    recomputed = scorer.image_rewards(tokens, [r["prompt"] for r in round_ for _ in range(3)])
+    assert torch.allclose(recomputed, torch.tensor([x for r in round_ for x in r["rewards"]]), atol=1e-4)
 
     with open(run / "metrics.csv") as f:
         columns = set(next(csv.reader(f)))
