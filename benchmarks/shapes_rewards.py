@@ -38,7 +38,7 @@ from dualfw.core.interface import ImageSampling
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.training.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
-from dualfw.eval.pixels import to_uint8
+from dualfw.core.pixels import to_uint8
 from dualfw.eval.runners import judge_images, within_group_auc
 from dualfw.shapes.text import TAGS, enumerate_geneval_prompts
 from dualfw.shapes.world import WorldConfig
@@ -78,7 +78,7 @@ def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int)
 def color_conditioning(adapter, scenes_per_prompt: int = 8, seed: int = 0) -> tuple[float, float]:
     """(mean log-likelihood of a scene under its own colour's prompt minus the log-mean-exp over the
     six colours' prompts, share of scenes whose own colour's prompt is the most likely; chance 1/6)."""
-    from dualfw.eval.pixels import to_pixels
+    from dualfw.core.pixels import to_pixels
     from dualfw.shapes.sft import scene_for_record
     from dualfw.shapes.world import render
 

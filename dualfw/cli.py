@@ -263,8 +263,6 @@ class DualfwCLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Entry point of the `dualfw` command (also callable in-process, e.g. from tests)."""
-    import lightning as L
-
     global COMMAND
     COMMAND = ["dualfw", *(sys.argv[1:] if args is None else [str(a) for a in args])]
     tempdir = tempfile.tempdir

@@ -10,7 +10,7 @@ from dualfw.core.interface import ImageSampling, TextSampling
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.adapters.tiny import TinyJanusSpec
 from dualfw.shapes.detector import ShapesDetector
-from dualfw.eval.pixels import to_uint8
+from dualfw.core.pixels import to_uint8
 from dualfw.shapes.sft import ShapesDataModule, ShapesSFT, background_patches
 from dualfw.shapes.world import BACKGROUND, WorldConfig, render, sample_scene
 from dualfw.core.files import read_jsonl, resolve_path

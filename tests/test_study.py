@@ -13,7 +13,7 @@ from dualfw.core.errors import ConfigError
 from dualfw.eval.geneval import ImageResult, overall_confidence_interval
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.training.scorer import RandomScorer
-from dualfw.eval.pixels import to_pixels
+from dualfw.core.pixels import to_pixels
 from dualfw.eval.pope import PopeQuestion
 from dualfw.eval.runners import score_pope, within_group_auc
 from dualfw.shapes.oracle import OracleScorer

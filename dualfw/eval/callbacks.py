@@ -64,7 +64,7 @@ from dualfw.eval.geneval import (
     summarize,
     write_results,
 )
-from dualfw.eval.pixels import to_pixels
+from dualfw.core.pixels import to_pixels
 from dualfw.eval.pope import PopeFormatError, PopeQuestion, read_questions, write_answers, write_questions
 from dualfw.eval.runners import (
     PARSERS,

@@ -33,7 +33,7 @@ from dualfw.eval.geneval import (
     score_image,
     summarize,
 )
-from dualfw.eval.pixels import to_pixels, to_uint8
+from dualfw.core.pixels import to_pixels, to_uint8
 from dualfw.eval.pope import PopeMetrics, PopeQuestion, parse_answer_official, parse_answer_strict, pope_metrics
 from dualfw.eval.stats import bootstrap_interval
 from dualfw.training.images import load_image

@@ -24,7 +24,7 @@ import torch
 
 from dualfw.core.interface import ImageSampling
 from dualfw.eval.geneval import ImageResult, parse_metadata
-from dualfw.eval.pixels import to_pixels, to_uint8
+from dualfw.core.pixels import to_pixels, to_uint8
 from dualfw.eval.pope import PopeQuestion
 from dualfw.eval.runners import (
     GenEvalRun,

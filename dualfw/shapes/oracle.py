@@ -20,7 +20,7 @@ from torch import Tensor
 from dualfw.core.errors import ConfigError
 from dualfw.training.scorer import DualScorer
 from dualfw.eval.geneval import parse_metadata
-from dualfw.eval.pixels import to_uint8
+from dualfw.core.pixels import to_uint8
 from dualfw.eval.runners import judge_images
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.shapes.text import enumerate_geneval_prompts

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dualfw.core.errors import ConfigError
 from dualfw.adapters.janus import JanusAdapter
-from dualfw.eval.pixels import to_pixels, to_uint8
+from dualfw.core.pixels import to_pixels, to_uint8
 from dualfw.shapes.detector import ShapesDetector, detection_rates
 from dualfw.shapes.text import (
     enumerate_geneval_prompts,

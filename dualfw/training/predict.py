@@ -44,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dualfw.core.errors import ConfigError
 from dualfw.core.interface import ImageSampling, TextSampling
+from dualfw.core.pixels import to_uint8
 from dualfw.core.selfreward import rollout_i2t, rollout_t2i
 
 Keep = Literal["best", "all", "pairs"]
@@ -69,11 +70,6 @@ def chunks(n: int, size: int) -> list[list[int]]:
         last = out.pop()
         out[-1] += last
     return out
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """Pixels (n, 3, H, W) in [0, 1] -> uint8 (n, H, W, 3), by the same rule as the evaluations'."""
-    return (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def is_geneval(records: Sequence[dict]) -> bool:

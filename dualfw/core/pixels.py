@@ -1,4 +1,4 @@
-"""Model pixels <-> 8-bit images: evaluations judge the values a saved PNG holds, not the decoder's floats."""
+"""Model pixels <-> 8-bit images: what a saved PNG holds, the values evaluations judge and predictions write."""
 
 from __future__ import annotations
 
