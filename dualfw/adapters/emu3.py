@@ -16,7 +16,6 @@ decode and re-encode.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,8 +24,8 @@ from tqdm.auto import tqdm
 
 from dualfw.adapters.janus import _DTYPES, _resize, _SlotLayer, _token_sampler
 from dualfw.adapters.tiny_emu3 import TinyEmu3Spec, build_tiny_emu3
-from dualfw.core.errors import ConfigError, MissingFileError
-from dualfw.core.files import resolve_path
+from dualfw.core.errors import ConfigError
+from dualfw.core.files import check_model_weights, read_model_config
 from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSampling
 
 #: Emu3's VQ-VAE downsamples 8x in each direction (Emu3Processor assumes it)
@@ -35,20 +34,8 @@ DOWNSAMPLE = 8
 
 def check_emu3_folder(path: str | Path) -> Path:
     """Fail early, naming the folder, when it does not hold a transformers Emu3 checkpoint."""
-    folder = resolve_path(path)
-    if not folder.is_dir():
-        raise MissingFileError(f"model folder '{folder}' does not exist (set model.init_args.model.init_args.path to a local checkpoint folder)")
+    folder, config = read_model_config(path)
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise MissingFileError(f"model folder '{folder}' has no config.json")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"'{config_file}' is not valid JSON: {err}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"'{config_file}' is not UTF-8 text (byte {err.start}): a corrupt config.json") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"'{config_file}' is not a JSON object")
     model_type = config.get("model_type")
     if model_type == "Emu3":
         raise ConfigError(
@@ -57,6 +44,7 @@ def check_emu3_folder(path: str | Path) -> Path:
         )
     if model_type != "emu3":
         raise ConfigError(f"'{config_file}' has model_type {model_type!r}: Emu3Adapter needs model_type 'emu3'")
+    check_model_weights(folder)
     return folder
 
 

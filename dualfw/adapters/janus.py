@@ -9,7 +9,6 @@ so greedy decoding gives the same tokens (tests/test_janus_parity.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from dualfw.core.errors import ConfigError, MissingFileError
-from dualfw.core.files import resolve_path
+from dualfw.core.errors import ConfigError
+from dualfw.core.files import check_model_weights, read_model_config
 from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSampling
 from dualfw.adapters.tiny import TinyJanusSpec, build_tiny_janus
 
@@ -27,21 +26,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def check_janus_folder(path: str | Path) -> Path:
     """Fail early, naming the folder, when it does not hold a transformers Janus checkpoint."""
-
-    folder = resolve_path(path)
-    if not folder.is_dir():
-        raise MissingFileError(f"model folder '{folder}' does not exist (set model.init_args.model.init_args.path to a local checkpoint folder)")
+    folder, config = read_model_config(path)
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise MissingFileError(f"model folder '{folder}' has no config.json")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"'{config_file}' is not valid JSON: {err}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"'{config_file}' is not UTF-8 text (byte {err.start}): a corrupt config.json") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"'{config_file}' is not a JSON object")
     model_type = config.get("model_type")
     if model_type == "multi_modality":
         raise ConfigError(
@@ -52,32 +38,7 @@ def check_janus_folder(path: str | Path) -> Path:
         raise ConfigError(
             f"'{config_file}' has model_type {model_type!r}, not a unified LMM: JanusAdapter needs model_type 'janus'"
         )
-    # the weights: there and readable (safetensors header and sizes), without loading them
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ConfigError(f"'{index}' is not a valid safetensors index ({type(err).__name__}: {err})") from None
-        files = [folder / name for name in shards]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            if any(folder.glob("pytorch_model*.bin")):
-                return folder  # torch weights: transformers reads them
-            raise MissingFileError(f"model folder '{folder}' has no weights (model.safetensors)")
-    for file in files:
-        if not file.is_file():
-            raise MissingFileError(f"model folder '{folder}' lacks the weight file '{file.name}' that its index names")
-        try:
-            with safe_open(str(file), framework="pt") as weights:
-                names = list(weights.keys())
-        except Exception as err:  # safetensors raises its own SafetensorError for every kind of damage
-            raise ConfigError(f"'{file}' is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-        if not names:
-            raise ConfigError(f"'{file}' holds no tensors")
+    check_model_weights(folder)
     return folder
 
 

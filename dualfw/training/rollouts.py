@@ -31,6 +31,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from dualfw.core.files import iter_jsonl
+
 
 def cut_torn_tail(path: str | Path) -> int:
     """Cut a last line without its newline (a write cut short) from `path`; the bytes cut."""
@@ -103,23 +105,11 @@ def read_rollouts(path: str | Path, dedupe: bool = False) -> Iterator[dict]:
     the order those copies were written.
     """
     records: list[dict] = []
-    with open(path, encoding="utf-8") as fp:
-        for lineno, line in enumerate(fp, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if not line.endswith("\n"):
-                    warnings.warn(f"{path}:{lineno}: torn last line skipped (a write cut short)", stacklevel=2)
-                    break
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if not dedupe:
-                yield obj
-            else:
-                records.append(obj)
+    for _, obj in iter_jsonl(path, torn_tail=True):
+        if not dedupe:
+            yield obj
+        else:
+            records.append(obj)
     if dedupe:
         last = {}
         for i, record in enumerate(records):
