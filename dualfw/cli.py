@@ -141,6 +141,12 @@ def check_config(config: Namespace, subcommand: str | None) -> None:
     adapter = policy.get("model")
     if _class_path(adapter).endswith("JanusAdapter") and _init_args(adapter).get("path"):
         check_janus_folder(_init_args(adapter)["path"])
+    per_step = data.get("inputs_per_step")
+    if _init_args(policy.get("scorer")).get("batch_contrast") and isinstance(per_step, int) and per_step < 2:
+        raise ConfigError(
+            "model.init_args.scorer.init_args.batch_contrast scores each input against the step's other inputs: "
+            f"set data.init_args.inputs_per_step >= 2 (got {per_step}) or batch_contrast false"
+        )
     lr = _init_args(policy.get("optimizer")).get("lr")
     if isinstance(lr, (int, float)) and not lr > 0:
         raise ConfigError(f"model.init_args.optimizer.init_args.lr must be > 0, got {lr}")

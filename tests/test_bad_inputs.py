@@ -87,6 +87,7 @@ CASES = {
     "text top_p 0": (["--data.init_args.text_sampling.top_p=0"], I2T, "data.init_args.text_sampling.top_p must be in (0, 1]"),
     "text max_new_tokens 0": (["--data.init_args.text_sampling.max_new_tokens=0"], I2T, "data.init_args.text_sampling.max_new_tokens must be >= 1"),
     "margin<0": (["--data.init_args.margin=-1"], T2I, "data.init_args.margin must be >= 0"),
+    "batch_contrast, 1 input": (["--data.init_args.inputs_per_step=1"], T2I, "batch_contrast scores each input against the step's other inputs"),
     "lr<0": (["--model.init_args.optimizer.init_args.lr=-1"], T2I, "model.init_args.optimizer.init_args.lr must be > 0"),
     "lr 0": (["--model.init_args.optimizer.init_args.lr=0"], T2I, "model.init_args.optimizer.init_args.lr must be > 0"),
     "lr not a number": (["--model.init_args.optimizer.init_args.lr=abc"], T2I, 'Parser key "model.optimizer.lr": Expected a <class \'float\'>'),
