@@ -74,7 +74,7 @@ def test_text_logprobs_and_sampled_texts(adapter):
 
 def test_logprob_gradients_unchanged_under_activation_checkpointing(adapter):
     """The FSDP presets checkpoint the decoder layers (recomputed in backward): a scoring forward
-    must not keep state between the two passes (a KV cache filled twice failed an H100 FSDP1 run)."""
+    must not keep state between the two passes (a KV cache filled twice breaks FSDP1 with checkpointing)."""
     import copy
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing

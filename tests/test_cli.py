@@ -77,7 +77,7 @@ def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tin
 
 @pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("32-true", False)])
 def test_rollouts_are_sampled_under_the_training_precision(tmp_path, tiny_folder, monkeypatch, precision, autocast):
-    # FSDP1 with bf16-mixed failed on a GPU when sampling ran outside autocast (measured on an H200)
+    # FSDP1 with bf16-mixed fails on a GPU when sampling runs outside autocast
     from dualfw.training.datamodule import SelfRewardDataModule
 
     seen, sample = [], SelfRewardDataModule.sample

@@ -2,7 +2,7 @@
 
 GenEval prompts follow the official generator (djghosh13/geneval prompts/create_prompts.py) with
 the world's shapes as classes and its colors as the color vocabulary: same templates, articles,
-plurals, number words, draw order and de-duplication; see shared/docs/evaluation.md.
+plurals, number words, draw order and de-duplication; see docs/evaluation.md.
 """
 
 from __future__ import annotations
