@@ -119,42 +119,9 @@ class Emu3Adapter(LMMAdapter):
         self._suppressed = sorted({*self.visual_ids.tolist(), self.eol_id, self.placeholder_id, *frame})
 
     # ---- sharding (FSDP2, Lightning's ModelParallelStrategy) ----------------------------------------
-    def fully_shard(self, mesh, mp_policy=None) -> None:
-        """Shard the weights over `mesh` with FSDP2: one unit per decoder layer (the sampler runs
-        them one by one), the rest (embeddings, the shared head, the final norm) the root unit,
-        all-gathered by `_gather_root` before each use. The frozen VQ-VAE stays replicated."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
-        units = self.sharding_units()
-        for unit in units:
-            fully_shard(unit, **options)
-        fully_shard(self.model, ignored_params=set(self.model.model.vqmodel.parameters()), **options)
-        if mesh.get_group().name() == "gloo":
-            # FSDP2's ReduceOp.AVG over gloo was reported to sum: plain sums plus FSDP's division
-            for unit in [*units, self.model]:
-                unit.set_force_sum_reduction_for_comms(True)
-
-    def _gather_root(self) -> bool:
-        """All-gather the root FSDP unit's weights (True) if the model is sharded: our calls go to
-        the text model and the head, never to the root's own forward. A collective."""
-        if self._is_sharded:
-            self.model._get_fsdp_state()._lazy_init()
-            self.model.unshard()
-            return True
-        return False
-
-    @property
-    def _is_sharded(self) -> bool:
-        from torch.distributed.fsdp import FSDPModule
-
-        return isinstance(self.model, FSDPModule)
-
-    @property
-    def _fsdp1_wrapped(self) -> bool:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+    def unsharded_modules(self) -> list[torch.nn.Module]:
+        """The frozen VQ tokenizer."""
+        return [self.model.model.vqmodel]
 
     def sharding_units(self) -> list[torch.nn.Module]:
         """Every decoder layer; the frozen VQ-VAE is never a unit."""
@@ -186,14 +153,9 @@ class Emu3Adapter(LMMAdapter):
         Emu3ForConditionalGeneration / Emu3Processor.from_pretrained and Emu3Adapter(path=...) load.
         The config is saved with attention dropout 0 (what dualfw trains with)."""
         folder = Path(folder)
-        state_dict = None
-        if self._is_sharded:  # every rank must call this
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state_dict = get_model_state_dict(self.model, options=options)
-            if torch.distributed.get_rank() != 0:
-                return folder
+        state_dict, writes = self._gathered_state_dict()  # under FSDP2 every rank calls this
+        if not writes:
+            return folder
         self.model.save_pretrained(folder, state_dict=state_dict)
         self.processor.save_pretrained(folder)
         return folder

@@ -86,56 +86,9 @@ class JanusAdapter(LMMAdapter):
             processor.num_image_tokens = self.num_image_tokens
 
     # ---- sharding (FSDP2, Lightning's ModelParallelStrategy) ----------------------------------------
-    def fully_shard(self, mesh, mp_policy=None) -> None:
-        """Shard the weights over `mesh` with FSDP2 (`torch.distributed.fsdp.fully_shard`).
-
-        Units follow the modules this adapter calls directly: every decoder layer (the sampler runs
-        them one by one), the vision tower, the generation embeddings, aligner and head. The rest
-        (token embeddings, lm_head, which may be tied to them, the final norm, the understanding
-        aligner) is the root unit; its forward is never called directly, so `_gather_root` all-gathers
-        it before each use (FSDP reshards it after backward). The frozen VQ tokenizer stays
-        replicated: it gets no gradient and decoding/encoding then needs no collective.
-        """
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
-        janus = self.model.model
-        units = self.sharding_units()
-        for unit in units:
-            fully_shard(unit, **options)
-        fully_shard(self.model, ignored_params=set(janus.vqmodel.parameters()), **options)
-        if mesh.get_group().name() == "gloo":
-            # pytorch issue 162338: FSDP2's ReduceOp.AVG over gloo was reported to sum the gradients.
-            # Plain sums plus FSDP's own division average them either way.
-            for unit in [*units, self.model]:
-                unit.set_force_sum_reduction_for_comms(True)
-
-    def _gather_root(self) -> bool:
-        """All-gather the root FSDP unit's weights (True), if the model is sharded: our calls go
-        to submodules (embeddings, language model, heads), never to the root's own forward, which
-        is where FSDP would do it. Every rank must get here equally often (a collective)."""
-        if self._is_sharded:
-            # FSDP picks the root at the first forward it sees; ours never runs, so do it here (all
-            # units then share one backward callback that reduce-scatters the root's gradients)
-            self.model._get_fsdp_state()._lazy_init()
-            self.model.unshard()
-            return True
-        return False
-
-    @property
-    def _is_sharded(self) -> bool:
-        """The model was sharded by `fully_shard` (FSDP2)."""
-        from torch.distributed.fsdp import FSDPModule
-
-        return isinstance(self.model, FSDPModule)
-
-    @property
-    def _fsdp1_wrapped(self) -> bool:
-        """Some part of the model is wrapped by FSDP1 (`FullyShardedDataParallel`), as Lightning's
-        FSDPStrategy does with an auto-wrap policy."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+    def unsharded_modules(self) -> list[torch.nn.Module]:
+        """The frozen VQ tokenizer."""
+        return [self.model.model.vqmodel]
 
     def sharding_units(self) -> list[torch.nn.Module]:
         """Every decoder layer (the sampler runs them one by one), the vision tower, and the
@@ -168,14 +121,9 @@ class JanusAdapter(LMMAdapter):
         """Weights (safetensors), config, tokenizer and processor: a folder that
         JanusForConditionalGeneration / JanusProcessor.from_pretrained and JanusAdapter(path=...) load."""
         folder = Path(folder)
-        state_dict = None
-        if self._is_sharded:  # every rank must call this
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state_dict = get_model_state_dict(self.model, options=options)  # gathered on rank 0
-            if torch.distributed.get_rank() != 0:
-                return folder
+        state_dict, writes = self._gathered_state_dict()  # under FSDP2 every rank calls this
+        if not writes:
+            return folder
         self.model.save_pretrained(folder, state_dict=state_dict)
         self.processor.save_pretrained(folder)
         return folder

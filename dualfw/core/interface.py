@@ -18,8 +18,9 @@ against every family. The contract:
 - `save_pretrained(folder)`: a folder the model's own library loads.
 - What training needs, declared rather than reached for: `lora_module()` and `lora_targets()`
   (where peft injects adapters: the language model only, never a frozen tokenizer),
-  `generation_modules()` (what draws and never reads), `sharding_units()` and
-  `checkpointing_units()` (FSDP units and activation checkpointing), `fully_shard(mesh)` (FSDP2).
+  `generation_modules()` (what draws and never reads), `sharding_units()`,
+  `checkpointing_units()` and `unsharded_modules()` (FSDP units, activation checkpointing, frozen
+  parts kept whole), from which `fully_shard(mesh)` shards with FSDP2.
 
 Conventions shared by every adapter:
 - images are float tensors (n, 3, H, W) in [0, 1] at `image_size`;
@@ -222,10 +223,69 @@ class LMMAdapter(nn.Module, ABC):
         """The blocks whose activations are recomputed in backward under activation checkpointing."""
         return []
 
+    def unsharded_modules(self) -> list[nn.Module]:
+        """Frozen parts kept whole on every rank under FSDP2 (e.g. the image tokenizer: no gradient,
+        and decoding or encoding then needs no collective)."""
+        return []
+
     def fully_shard(self, mesh, mp_policy=None) -> None:
-        """Shard the weights over `mesh` with FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit
-        per block the adapter calls directly."""
-        raise ConfigError(f"{type(self).__name__} does not support FSDP2 sharding")
+        """Shard the weights over `mesh` with FSDP2 (`torch.distributed.fsdp.fully_shard`): one unit
+        per `sharding_units()` block, the rest of `self.model` the root unit (all-gathered by
+        `_gather_root` before the adapter's calls, which never go through the root's forward), and
+        `unsharded_modules()` replicated."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        units = self.sharding_units()
+        if not units:
+            raise ConfigError(f"{type(self).__name__} does not support FSDP2 sharding (no sharding_units)")
+        options = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), reshard_after_forward=True)
+        for unit in units:
+            fully_shard(unit, **options)
+        ignored = {p for module in self.unsharded_modules() for p in module.parameters()}
+        fully_shard(self.model, ignored_params=ignored, **options)
+        if mesh.get_group().name() == "gloo":
+            # pytorch issue 162338: FSDP2's ReduceOp.AVG over gloo was reported to sum the gradients.
+            # Plain sums plus FSDP's own division average them either way.
+            for unit in [*units, self.model]:
+                unit.set_force_sum_reduction_for_comms(True)
+
+    @property
+    def _is_sharded(self) -> bool:
+        """`self.model` was sharded by `fully_shard` (FSDP2)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.model, FSDPModule)
+
+    @property
+    def _fsdp1_wrapped(self) -> bool:
+        """Some part of the model is wrapped by FSDP1 (`FullyShardedDataParallel`), as Lightning's
+        FSDPStrategy does with an auto-wrap policy."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+
+    def _gather_root(self) -> bool:
+        """All-gather the root FSDP2 unit's weights (True) if the model is sharded: the adapter's
+        calls go to submodules, never to the root's own forward, where FSDP would do it. Every
+        rank must get here equally often (a collective)."""
+        if self._is_sharded:
+            # FSDP picks the root at the first forward it sees; ours never runs, so do it here (all
+            # units then share one backward callback that reduce-scatters the root's gradients)
+            self.model._get_fsdp_state()._lazy_init()
+            self.model.unshard()
+            return True
+        return False
+
+    def _gathered_state_dict(self) -> tuple[dict | None, bool]:
+        """For `save_pretrained`: (the full state dict gathered on rank 0 when sharded, else None;
+        whether this rank writes). Under FSDP2 every rank must call it."""
+        if not self._is_sharded:
+            return None, True
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state_dict = get_model_state_dict(self.model, options=options)
+        return state_dict, torch.distributed.get_rank() == 0
 
     @property
     def device(self) -> torch.device:
