@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dualfw.adapters.janus import _DTYPES, _resize, _SlotLayer, _token_sampler
+from dualfw.adapters.decoding import DTYPES, SlotLayer, decode_step, resize, token_sampler
 from dualfw.adapters.tiny_emu3 import TinyEmu3Spec, build_tiny_emu3
 from dualfw.core.errors import ConfigError
 from dualfw.core.files import check_model_weights, read_model_config
@@ -78,20 +78,20 @@ class Emu3Adapter(LMMAdapter):
         system_prompt: str = "",
     ) -> None:
         super().__init__()
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         tiny = tiny or TinyEmu3Spec()
         image_size = image_size or (tiny.image_size if path is None else 720)
         if image_size <= 0 or image_size % DOWNSAMPLE:
             raise ConfigError(f"image_size {image_size} is not a multiple of {DOWNSAMPLE} (Emu3's VQ downsampling)")
         if path is None:
             model, processor = build_tiny_emu3(tiny)
-            model = model.to(_DTYPES[dtype])
+            model = model.to(DTYPES[dtype])
         else:
             from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
             folder = check_emu3_folder(path)
-            model = Emu3ForConditionalGeneration.from_pretrained(folder, dtype=_DTYPES[dtype], local_files_only=True)
+            model = Emu3ForConditionalGeneration.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
             processor = Emu3Processor.from_pretrained(folder, local_files_only=True)
         # Emu3TextConfig defaults to attention dropout 0.1: log-probs of one sample would differ
         # between two train-mode calls. from_pretrained(attention_dropout=0) is refused; the config is not.
@@ -265,7 +265,7 @@ class Emu3Adapter(LMMAdapter):
         for i in range(len(parts[0][1].layers)):
             keys = [_left_pad_states(p[1].layers[i].keys, prefix).repeat_interleave(p[2], 0) for p in parts]
             values = [_left_pad_states(p[1].layers[i].values, prefix).repeat_interleave(p[2], 0) for p in parts]
-            layers.append(_SlotLayer(torch.cat(keys), torch.cat(values), 1, length))
+            layers.append(SlotLayer(torch.cat(keys), torch.cat(values), 1, length))
         cache = Cache(layers=layers)
         hidden = torch.cat([p[0].repeat_interleave(p[2], 0) for p in parts])
         del parts
@@ -278,7 +278,7 @@ class Emu3Adapter(LMMAdapter):
         cos, sin = lm.rotary_emb(hidden, position_ids=positions)
         head = self.model.lm_head.weight[self.visual_ids]  # the visual-token rows of the head
 
-        sample = _token_sampler(sampling, seed, ids.device)
+        sample = token_sampler(sampling, seed, ids.device)
         tokens = torch.empty(rows, n_tokens, dtype=torch.long, device=ids.device)
         fed = 0
 
@@ -286,7 +286,7 @@ class Emu3Adapter(LMMAdapter):
             nonlocal hidden, fed
             bias[..., prefix + fed] = 0.0
             embeds = lm.embed_tokens(step_ids[:, None])
-            hidden = _decode_step(lm, embeds, bias[..., : prefix + fed + 1], positions[:, fed : fed + 1],
+            hidden = decode_step(lm, embeds, bias[..., : prefix + fed + 1], positions[:, fed : fed + 1],
                                   (cos[:, fed : fed + 1], sin[:, fed : fed + 1]), cache)[:, -1]
             fed += 1
 
@@ -354,7 +354,7 @@ class Emu3Adapter(LMMAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.LongTensor:
-        pixels = self._normalise(_resize(pixels.to(self.device).float(), self.image_size))
+        pixels = self._normalise(resize(pixels.to(self.device).float(), self.image_size))
         vq = self.model.model.vqmodel
         sizes = torch.tensor([[self.image_size, self.image_size]] * pixels.shape[0])
         out = vq.encode(pixels.to(vq.dtype), sizes, return_dict=True)
@@ -442,16 +442,3 @@ def _positions(mask: torch.LongTensor) -> torch.LongTensor:
 def _left_pad_states(states: torch.Tensor, length: int) -> torch.Tensor:
     """Keys or values (rows, heads, t, d) left-padded with zeros to `length` positions."""
     return F.pad(states, (0, 0, length - states.shape[2], 0))
-
-
-def _decode_step(lm, embeds, bias, positions, rope, cache) -> torch.Tensor:
-    """One new token per row through Emu3's text model; returns its final hidden states.
-
-    Emu3TextModel.forward's layer loop without what it rebuilds at every call (mask preprocessing,
-    rotary cos/sin, the output dataclass): the sampler builds `bias` and `rope` once for all steps.
-    Same modules and arguments to each decoder layer, so the same numbers.
-    """
-    hidden = embeds
-    for layer in lm.layers:
-        hidden = layer(hidden, attention_mask=bias, position_embeddings=rope, position_ids=positions, cache=cache, use_cache=True)
-    return lm.norm(hidden)

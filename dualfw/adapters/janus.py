@@ -12,16 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.cache_utils import DynamicLayer
 
 from dualfw.core.errors import ConfigError
 from dualfw.core.files import check_model_weights, read_model_config
 from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSampling
+from dualfw.adapters.decoding import DTYPES, SlotLayer, decode_step, resize, token_sampler
 from dualfw.adapters.tiny import TinyJanusSpec, build_tiny_janus
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_janus_folder(path: str | Path) -> Path:
@@ -59,17 +57,17 @@ class JanusAdapter(LMMAdapter):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         if path is None:
             model, processor = build_tiny_janus(tiny)
-            model = model.to(_DTYPES[dtype])
+            model = model.to(DTYPES[dtype])
         else:
             from transformers import JanusForConditionalGeneration, JanusProcessor
 
             folder = check_janus_folder(path)
             model = JanusForConditionalGeneration.from_pretrained(
-                folder, dtype=_DTYPES[dtype], local_files_only=True
+                folder, dtype=DTYPES[dtype], local_files_only=True
             )
             processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
         model.model.vqmodel.requires_grad_(False)  # Janus' VQ tokenizer is frozen; only the SFT stage trains it
@@ -191,11 +189,11 @@ class JanusAdapter(LMMAdapter):
         prefix, length = ids.shape[1], ids.shape[1] + n_tokens - 1  # the last image token is never fed back
 
         # The prefix runs once per row (2B rows with CFG); its keys and values are then repeated k
-        # times, prompt-major, into buffers preallocated for the whole generation (_SlotLayer).
+        # times, prompt-major, into buffers preallocated for the whole generation (SlotLayer).
         prefill = DynamicCache(config=self.model.config.text_config)
         out = lm(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask, cache=prefill, use_cache=True)
         hidden = out.last_hidden_state[:, -1].repeat_interleave(k, 0)
-        cache = Cache(layers=[_SlotLayer(layer.keys, layer.values, k, length) for layer in prefill.layers])
+        cache = Cache(layers=[SlotLayer(layer.keys, layer.values, k, length) for layer in prefill.layers])
         del prefill
         # Built once instead of at every step: the additive attention mask (0 where a row may look:
         # its non-pad prompt tokens, then one more slot opened per step; -inf elsewhere: what
@@ -206,7 +204,7 @@ class JanusAdapter(LMMAdapter):
         positions = torch.arange(prefix, length, device=ids.device)[None]
         cos, sin = lm.rotary_emb(hidden, position_ids=positions)
 
-        sample = _token_sampler(sampling, seed, ids.device)
+        sample = token_sampler(sampling, seed, ids.device)
         tokens = torch.empty(n_prompts * k, n_tokens, dtype=torch.long, device=ids.device)
         for i in tqdm(range(n_tokens), desc=f"sampling {n_prompts}x{k} images", leave=False, disable=not progress, delay=2.0):
             logits = head(hidden).float()
@@ -218,7 +216,7 @@ class JanusAdapter(LMMAdapter):
                 break  # transformers runs the model once more here, for nothing
             bias[..., prefix + i] = 0.0
             step = next_token.repeat(2) if cfg else next_token
-            hidden = _decode_step(
+            hidden = decode_step(
                 lm,
                 self._embed_image_tokens(step[:, None]),
                 bias[..., : prefix + i + 1],
@@ -267,7 +265,7 @@ class JanusAdapter(LMMAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.LongTensor:
-        pixels = _resize(pixels.to(self.device), self.image_size)
+        pixels = resize(pixels.to(self.device), self.image_size)
         vq = self.model.model.vqmodel
         out = vq.encode((pixels * 2 - 1).to(vq.dtype), return_dict=True)
         return out.image_tokens.view(pixels.shape[0], -1)
@@ -277,7 +275,7 @@ class JanusAdapter(LMMAdapter):
         the processor's size and normalisation."""
         ip = self.processor.image_processor
         side = self.model.config.vision_config.image_size
-        pixels = (_resize(pixels.to(self.device).float(), side) * 255).round() / 255
+        pixels = (resize(pixels.to(self.device).float(), side) * 255).round() / 255
         mean = torch.tensor(ip.image_mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(ip.image_std, device=pixels.device).view(1, 3, 1, 1)
         return ((pixels - mean) / std).to(self.model.dtype)
@@ -354,75 +352,3 @@ class JanusAdapter(LMMAdapter):
         texts = self.processor.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         texts = [t.strip() for t in texts]
         return [texts[i * rows : (i + 1) * rows] * (k if greedy else 1) for i in range(n)]
-
-
-def _token_sampler(sampling: ImageSampling, seed: int | None, device: torch.device):
-    """logits (rows, codebook) -> next token per row: argmax when greedy, else warped multinomial."""
-    from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    if sampling.temperature == 0:
-        return lambda logits: logits.argmax(-1)
-    warpers = LogitsProcessorList()
-    if sampling.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(sampling.temperature))
-    if sampling.top_k > 0:
-        warpers.append(TopKLogitsWarper(sampling.top_k))
-    if sampling.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(sampling.top_p))
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
-    def sample(logits):
-        probs = F.softmax(warpers(None, logits) if warpers else logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-    return sample
-
-
-def _decode_step(lm, embeds, bias, positions, rope, cache) -> torch.Tensor:
-    """One new token per row through the language model; returns its final hidden states.
-
-    For a Llama text model this is LlamaModel.forward's layer loop without what that rebuilds at
-    every call (position ids, mask preprocessing, rotary cos/sin, a sliced ModuleList, the output
-    dataclass): the sampler builds `bias` and `rope` once. Same modules, same arguments to each
-    decoder layer, so the same numbers. Any other text model goes through its own forward.
-    """
-    if type(lm).__name__ != "LlamaModel":
-        return lm(inputs_embeds=embeds, attention_mask=bias, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
-    hidden = embeds
-    for layer in lm.layers:
-        hidden = layer(hidden, attention_mask=bias, position_embeddings=rope, position_ids=positions, cache=cache, use_cache=True)
-    return lm.norm(hidden)
-
-
-class _SlotLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values live in buffers preallocated for the whole generation.
-
-    Each step writes its keys and values into the next slot in place and attention reads views of
-    the filled part: no per-step torch.cat of the whole cache (DynamicCache), and no attending over
-    the still-empty slots (StaticCache). Starts from a prefix cache of R rows, repeated k times
-    (row r becomes rows r*k .. r*k + k - 1).
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, k: int, max_len: int) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        rows, heads, filled, _ = keys.shape
-        self._keys = keys.new_empty(rows * k, heads, max_len, keys.shape[-1])
-        self._values = values.new_empty(rows * k, heads, max_len, values.shape[-1])
-        self._keys.unflatten(0, (rows, k))[:, :, :, :filled] = keys[:, None]
-        self._values.unflatten(0, (rows, k))[:, :, :, :filled] = values[:, None]
-        self.keys, self.values = self._keys[:, :, :filled], self._values[:, :, :filled]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        start = self.keys.shape[-2]
-        end = start + key_states.shape[-2]
-        self._keys[:, :, start:end] = key_states
-        self._values[:, :, start:end] = value_states
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
-
-
-def _resize(pixels: torch.Tensor, side: int) -> torch.Tensor:
-    if pixels.shape[-1] == side and pixels.shape[-2] == side:
-        return pixels
-    return F.interpolate(pixels, size=(side, side), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
