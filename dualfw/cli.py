@@ -116,7 +116,7 @@ def check_config(config: Namespace, subcommand: str | None) -> None:
     and an evaluation callback for `dualfw test`. Each failure is a ConfigError naming its key."""
     from dualfw.adapters.janus import check_janus_folder
     from dualfw.core.interface import ImageSampling, TextSampling
-    from dualfw.training.datamodule import directions_at
+    from dualfw.training.datamodule import SCHEDULES, check_margin, directions_needed
     from dualfw.training.images import list_images
     from dualfw.training.prompts import read_prompts
 
@@ -129,10 +129,10 @@ def check_config(config: Namespace, subcommand: str | None) -> None:
                     cls(**_as_dict(data[key]))
                 except ConfigError as err:
                     raise ConfigError(f"data.init_args.{key}.{err}") from None
-        if data.get("margin") is not None and data["margin"] < 0:
-            raise ConfigError(f"data.init_args.margin must be >= 0 (a pair needs a reward difference above it), got {data['margin']}")
+        if data.get("margin") is not None:
+            check_margin(data["margin"], "data.init_args.margin")
         schedule, every = data.get("schedule", "t2i"), max(1, int(data.get("alternate_every") or 1))
-        needs = set(directions_at(schedule, 0, 1)) | set(directions_at(schedule, every, every)) if schedule in ("t2i", "i2t", "joint", "alternate") else set()
+        needs = directions_needed(schedule, every) if schedule in SCHEDULES else set()
         if "t2i" in needs and data.get("prompts"):
             read_prompts(data["prompts"], key="data.init_args.prompts")
         if "i2t" in needs and data.get("images"):

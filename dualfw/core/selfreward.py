@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,6 +24,12 @@ from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSamplin
 
 Pairing = Literal["best_worst", "all", "top_bottom"]
 PAIRINGS = ("best_worst", "all", "top_bottom")
+
+
+def derive_seed(*keys: int) -> int:
+    """A sampling seed derived from integer keys (e.g. run seed, epoch, round): the same keys give
+    the same seed wherever rollouts, predictions or evaluations are sampled."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dualfw.core.interface import ImageSampling, TextSampling
+from dualfw.core.selfreward import derive_seed
 from dualfw.eval.detection import Detection
 from dualfw.eval.geneval import (
     GenEvalPrompt,
@@ -60,8 +61,7 @@ def sample_batches(prompts: Sequence[GenEvalPrompt], k: int, prompts_per_batch: 
     samples depend on the seed, the batch size and the prompt order only."""
     batches = []
     for b, start in enumerate(range(0, len(prompts), prompts_per_batch)):
-        batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
-        batches.append(SampleBatch(list(prompts[start : start + prompts_per_batch]), k, batch_seed))
+        batches.append(SampleBatch(list(prompts[start : start + prompts_per_batch]), k, derive_seed(seed, b)))
     return batches
 
 

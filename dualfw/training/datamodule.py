@@ -24,7 +24,7 @@ from dualfw.training.prompts import read_prompts
 from dualfw.training.rollouts import RolloutWriter, read_rollouts
 from dualfw.core.errors import ConfigError, StalledRunError
 from dualfw.core.interface import ImageSampling, TextSampling
-from dualfw.core.selfreward import PAIRINGS, Group, Pairing, rollout_i2t, rollout_t2i
+from dualfw.core.selfreward import PAIRINGS, Group, Pairing, derive_seed, rollout_i2t, rollout_t2i
 
 Schedule = Literal["t2i", "i2t", "joint", "alternate"]
 SCHEDULES = ("t2i", "i2t", "joint", "alternate")
@@ -52,6 +52,17 @@ def directions_at(schedule: str, step: int, alternate_every: int) -> tuple[str, 
     if schedule == "alternate":
         return ("t2i",) if (step // alternate_every) % 2 == 0 else ("i2t",)
     return (schedule,)
+
+
+def directions_needed(schedule: str, alternate_every: int) -> set[str]:
+    """Every direction a schedule samples at some round (and so the inputs it needs)."""
+    return set(directions_at(schedule, 0, 1)) | set(directions_at(schedule, alternate_every, alternate_every))
+
+
+def check_margin(margin: float, key: str = "data.margin") -> None:
+    """A pair needs a reward difference above the margin, so a negative one is an error naming `key`."""
+    if margin < 0:
+        raise ConfigError(f"{key} must be >= 0 (a pair needs a reward difference above it), got {margin}")
 
 
 @contextlib.contextmanager
@@ -122,7 +133,7 @@ class SelfRewardStream:
             if index % world != rank:
                 continue
             step = self.epoch * self.rounds_per_epoch() + index  # the round, counted over epochs
-            seed = int(np.random.SeedSequence([dm.seed, self.epoch, index]).generate_state(1)[0])
+            seed = derive_seed(dm.seed, self.epoch, index)
             groups = None
             if step in self._on_disk:
                 groups = dm.groups_from_records(self._on_disk.pop(step), policy, self._chunk, self.epoch, index, step)
@@ -225,8 +236,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         max_rounds_without_pairs: int = 20,
     ) -> None:
         super().__init__()
-        if margin < 0:
-            raise ConfigError(f"data.margin must be >= 0 (a pair needs a reward difference above it), got {margin}")
+        check_margin(margin)
         if max_rounds_without_pairs < 0:
             raise ConfigError(f"data.max_rounds_without_pairs must be >= 0 (0: never stop), got {max_rounds_without_pairs}")
         if not isinstance(sampling, ImageSampling) or not isinstance(text_sampling, TextSampling):
@@ -239,7 +249,7 @@ class SelfRewardDataModule(L.LightningDataModule):
             raise ConfigError(f"data.k must be at least 2 to form a preference pair, got {k}")
         if inputs_per_step < 1 or alternate_every < 1:
             raise ConfigError("data.inputs_per_step and data.alternate_every must be at least 1")
-        needs = set(directions_at(schedule, 0, 1)) | set(directions_at(schedule, alternate_every, alternate_every))
+        needs = directions_needed(schedule, alternate_every)
         if "t2i" in needs and prompts is None:
             raise ConfigError(f"data.prompts is required for schedule {schedule!r}")
         if "i2t" in needs and images is None:

@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from dualfw.core.errors import ConfigError
 from dualfw.core.interface import ImageSampling, TextSampling
 from dualfw.core.pixels import to_uint8
-from dualfw.core.selfreward import rollout_i2t, rollout_t2i
+from dualfw.core.selfreward import derive_seed, rollout_i2t, rollout_t2i
 
 Keep = Literal["best", "all", "pairs"]
 KEEPS = ("best", "all", "pairs")
@@ -58,8 +58,7 @@ LINES = {"t2i": None, "i2t": "descriptions.jsonl"}  # t2i: predictions.jsonl / m
 def batch_seed(seed: int, direction: str, batch: int) -> int:
     """The sampling seed of predict batch `batch`: t2i as `dualfw.eval.runners.sample_batches`
     derives it (the same seed and batch size give `dualfw test`'s samples), i2t apart."""
-    key = [seed, batch] if direction == "t2i" else [seed, batch, 1]
-    return int(np.random.SeedSequence(key).generate_state(1)[0])
+    return derive_seed(seed, batch) if direction == "t2i" else derive_seed(seed, batch, 1)
 
 
 def chunks(n: int, size: int) -> list[list[int]]:
