@@ -162,12 +162,16 @@ class Policy(L.LightningModule):
         """What rollouts sample candidates from (`rollouts_from`)."""
         return self._sampler[0].view if self._sampler else self.model
 
-    def on_fit_start(self) -> None:
+    def _on_stage_start(self) -> None:
+        """Every stage (fit, test, predict) samples: make FSDP1's root the root first, and move the
+        frozen initial copy, which lives outside the module tree, to the policy's device."""
         init_fsdp1_root(self.trainer.strategy.model)
-        self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
-        # the frozen initial copy lives outside the module tree, so Lightning does not move it
         for initial in self._initial:
             initial.move_frozen_to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._on_stage_start()
+        self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
 
     # ---- the loss of one direction -----------------------------------------------------------------
     def direction_loss(self, group: Group) -> tuple[torch.Tensor | None, dict]:
@@ -327,7 +331,7 @@ class Policy(L.LightningModule):
 
     # ---- test stage (`dualfw test`) ---------------------------------------------------------------
     def on_test_start(self) -> None:
-        init_fsdp1_root(self.trainer.strategy.model)
+        self._on_stage_start()
 
     def test_step(self, batch, batch_idx: int) -> None:
         """Nothing per batch: `dualfw test` evaluates in the callbacks (dualfw.eval.callbacks), at
@@ -336,9 +340,7 @@ class Policy(L.LightningModule):
 
     # ---- predict stage (`dualfw predict`) ----------------------------------------------------------
     def on_predict_start(self) -> None:
-        init_fsdp1_root(self.trainer.strategy.model)
-        for initial in self._initial:  # a frozen scorer's copy lives outside the module tree
-            initial.move_frozen_to(self.device)
+        self._on_stage_start()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """K samples per input of a predict batch (SelfRewardDataModule.predict_dataloader) from
