@@ -3,10 +3,11 @@
 from dualfw.adapters.emu3 import Emu3Adapter
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
+from dualfw.core.lora import LoraSpec
 from dualfw.core.losses import DPO, GRPO, IPO, ChosenNLL, SimPO
 from dualfw.training.callbacks import ExportPretrained, PairImageGrid
 from dualfw.training.datamodule import SelfRewardDataModule
-from dualfw.training.policy import LoraSpec, Policy
+from dualfw.training.policy import Policy
 from dualfw.training.predict import BestOfKWriter
 from dualfw.training.reference import Reference
 from dualfw.training.scorer import DualScorer, RandomScorer

@@ -1,5 +1,6 @@
 """The contract every LMM adapter must meet. Adding an LMM: implement dualfw.core.interface.LMMAdapter
-in one file and add a factory for a tiny instance of it to ADAPTERS below."""
+in one file and add a factory for a tiny instance of it to ADAPTERS below (built from a saved folder
+when given `path`)."""
 
 import pytest
 import torch
@@ -7,16 +8,17 @@ import torch
 from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
 
 
-def _tiny_janus():
+def _tiny_janus(path=None):
     from dualfw.adapters.janus import JanusAdapter
 
-    return JanusAdapter()
+    return JanusAdapter(path=path)
 
 
-def _tiny_emu3():
+def _tiny_emu3(path=None):
     from dualfw.adapters.emu3 import Emu3Adapter
+    from dualfw.adapters.tiny_emu3 import TinyEmu3Spec
 
-    return Emu3Adapter()
+    return Emu3Adapter(path=path, image_size=TinyEmu3Spec().image_size)
 
 
 ADAPTERS = {"janus": _tiny_janus, "emu3": _tiny_emu3}
@@ -93,3 +95,43 @@ def test_logprob_gradients_unchanged_under_activation_checkpointing(adapter):
     assert grads
     for p, q in grads:
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(ADAPTERS))
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_lora_for_one_direction_is_off_in_the_other_and_exports_apart(family, direction, tmp_path):
+    """LoRA for one direction changes that direction's calls only (the other's equal the base bit
+    for bit), and its export loads back, through the family's own constructor, to the same model."""
+    from dualfw.core.lora import LoraSpec, apply_lora, save_split
+
+    base = ADAPTERS[family]().eval()
+    adapter = ADAPTERS[family]().eval()
+    adapter.load_state_dict(base.state_dict())
+    peft_model = apply_lora(adapter, LoraSpec(r=4), for_direction=direction)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.requires_grad:
+                p.add_(0.1)  # LoRA away from zero
+    tokens = base.sample_images(PROMPTS, k=1, seed=0)[:, 0]
+    pixels = torch.rand(2, 3, base.image_size, base.image_size, generator=torch.Generator().manual_seed(3))
+
+    def calls(model):
+        with torch.no_grad():
+            return {"t2i": model.image_logprobs(PROMPTS, tokens, guidance_scale=2.0),
+                    "i2t": model.text_logprobs(pixels, PROMPTS, "Describe this image.")[0]}
+
+    trainable = [p.requires_grad for p in adapter.parameters()]
+    before, trained = calls(base), calls(adapter)
+    assert [p.requires_grad for p in adapter.parameters()] == trainable  # switching layers off and on keeps them
+    other = {"t2i": "i2t", "i2t": "t2i"}[direction]
+    assert torch.equal(trained[other], before[other])
+    assert not torch.allclose(trained[direction], before[direction], atol=1e-4)
+    assert torch.equal(adapter.sample_images(PROMPTS, k=2, seed=1), base.sample_images(PROMPTS, k=2, seed=1)) == (direction == "i2t")
+
+    folder = save_split(adapter, peft_model, tmp_path / "export")
+    assert calls(adapter)[direction].equal(trained[direction]), "exporting changed the model"
+    reloaded = ADAPTERS[family](path=str(folder)).eval()
+    again = calls(reloaded)
+    torch.testing.assert_close(again[direction], trained[direction], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again[other], before[other], atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)

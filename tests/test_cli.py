@@ -165,22 +165,31 @@ def test_pair_grid_shows_the_pairs_and_with_initial_rollouts_the_policy_own_samp
     assert (saved.int() - (expected * 255 + 0.5).clamp(0, 255).int()).abs().max() <= 1
 
 
-def test_generation_only_training_leaves_reading_bit_identical(tmp_path, tiny_folder, tiny_adapter):
-    """train: generation moves only the modules that draw: after a fit at a large learning rate the
-    exported model's every other weight, its R_G and its greedy answers equal the initial model's
-    exactly, while its image log-probs changed."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_generation_only_training_leaves_reading_bit_identical(tmp_path, tiny_folder, tiny_adapter, lora):
+    """train: generation moves only what draws: after a fit at a large learning rate the exported
+    model's R_G and greedy answers equal the initial model's exactly, while its image log-probs
+    changed. Without LoRA only the generation modules' weights changed; with LoRA no base weight
+    did (the adapters, active only while drawing, are exported beside them)."""
     from dualfw.adapters.janus import JanusAdapter
     from dualfw.core.interface import TextSampling
+    from dualfw.core.lora import LORA_FILE
     from dualfw.training.scorer import DualScorer
 
+    extra = ["--model.init_args.lora.r=4"] if lora else []
     cli_main(_fit_args(tmp_path, tiny_folder, "--model.init_args.train=generation",
-                       "--model.init_args.optimizer.init_args.lr=0.05"))
-    trained = JanusAdapter(path=str(tmp_path / "t2i" / "run" / "export")).eval()
+                       "--model.init_args.optimizer.init_args.lr=0.05", *extra))
+    export = tmp_path / "t2i" / "run" / "export"
+    assert (export / LORA_FILE).exists() == lora
+    trained = JanusAdapter(path=str(export)).eval()
     drawing = {id(p) for m in tiny_adapter.generation_modules() for p in m.parameters()}
     before = dict(tiny_adapter.named_parameters())
-    changed = {name for name, p in trained.named_parameters() if not torch.equal(p, before[name])}
-    assert changed, "nothing trained"
-    assert all(id(before[name]) in drawing for name in changed), sorted(changed)
+    changed = {name for name, p in trained.named_parameters() if name in before and not torch.equal(p, before[name])}
+    if lora:
+        assert not changed and any("lora_" in name for name, _ in trained.named_parameters())
+    else:
+        assert changed, "nothing trained"
+        assert all(id(before[name]) in drawing for name in changed), sorted(changed)
 
     tokens = tiny_adapter.sample_images(["a red circle", "two squares"], k=2, seed=0).flatten(0, 1)
     prompts = ["a red circle"] * 2 + ["two squares"] * 2
@@ -198,18 +207,22 @@ def test_generation_only_training_leaves_reading_bit_identical(tmp_path, tiny_fo
         assert not torch.equal(tiny_adapter.image_logprobs(prompts, tokens), trained.image_logprobs(prompts, tokens))
 
 
-def test_generation_only_training_refuses_lora(tiny_folder):
+def test_one_direction_training_refuses_what_it_cannot_train(tiny_folder):
     from dualfw.adapters.janus import JanusAdapter
     from dualfw.core.errors import ConfigError
+    from dualfw.core.selfreward import Group
     from dualfw.training.policy import LoraSpec, Policy
 
-    with pytest.raises(ConfigError, match="model.init_args.train 'generation'.*lora"):
-        Policy(JanusAdapter(path=str(tiny_folder)), train="generation", lora=LoraSpec(r=4))
-    with pytest.raises(ConfigError, match="model.init_args.train must be 'all' or 'generation', got 'reading'"):
+    with pytest.raises(ConfigError, match="model.init_args.train must be 'all', 'generation' or 'understanding', got 'reading'"):
         Policy(JanusAdapter(path=str(tiny_folder)), train="reading")
-    from dualfw.core.selfreward import Group
-
-    policy = Policy(JanusAdapter(path=str(tiny_folder)), train="generation")
-    group = Group("i2t", torch.zeros(1, 2), torch.tensor([[0, 0, 1]]), texts=[["a", "b"]])
-    with pytest.raises(ConfigError, match="'generation' trains drawing only: the i2t direction"):
-        policy.direction_loss(group)
+    with pytest.raises(ConfigError, match="'understanding' trains LoRA adapters used while reading: set model.init_args.lora"):
+        Policy(JanusAdapter(path=str(tiny_folder)), train="understanding")
+    i2t = Group("i2t", torch.zeros(1, 2), torch.tensor([[0, 0, 1]]), texts=[["a", "b"]])
+    for lora in (None, LoraSpec(r=4)):
+        policy = Policy(JanusAdapter(path=str(tiny_folder)), train="generation", lora=lora)
+        with pytest.raises(ConfigError, match="'generation' trains the t2i direction only: the i2t direction"):
+            policy.direction_loss(i2t)
+    policy = Policy(JanusAdapter(path=str(tiny_folder)), train="understanding", lora=LoraSpec(r=4))
+    t2i = Group("t2i", torch.zeros(1, 2), torch.tensor([[0, 0, 1]]), prompts=["a"], image_tokens=torch.zeros(1, 2, 4, dtype=torch.long))
+    with pytest.raises(ConfigError, match="'understanding' trains the i2t direction only: the t2i direction"):
+        policy.direction_loss(t2i)

@@ -26,6 +26,7 @@ from dualfw.adapters.decoding import DTYPES, SlotLayer, decode_step, resize, tok
 from dualfw.adapters.tiny_emu3 import TinyEmu3Spec, build_tiny_emu3
 from dualfw.core.errors import ConfigError
 from dualfw.core.files import check_model_weights, read_model_config
+from dualfw.core.lora import load_saved_lora
 from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSampling
 
 #: Emu3's VQ-VAE downsamples 8x in each direction (Emu3Processor assumes it)
@@ -117,6 +118,8 @@ class Emu3Adapter(LMMAdapter):
         # everything reading never writes: visual tokens and the image frame's special tokens
         frame = [tok.convert_tokens_to_ids(t) for t in (tok.boi_token, tok.eoi_token, tok.image_wrapper_token, tok.eof_token)]
         self._suppressed = sorted({*self.visual_ids.tolist(), self.eol_id, self.placeholder_id, *frame})
+        if path is not None:
+            load_saved_lora(self, folder)
 
     # ---- sharding (FSDP2, Lightning's ModelParallelStrategy) ----------------------------------------
     def unsharded_modules(self) -> list[torch.nn.Module]:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from dualfw.core.errors import ConfigError
 from dualfw.core.files import check_model_weights, read_model_config
+from dualfw.core.lora import load_saved_lora
 from dualfw.core.interface import Images, ImageSampling, LMMAdapter, TextSampling
 from dualfw.adapters.decoding import DTYPES, SlotLayer, decode_step, resize, token_sampler
 from dualfw.adapters.tiny import TinyJanusSpec, build_tiny_janus
@@ -82,6 +83,8 @@ class JanusAdapter(LMMAdapter):
         if processor.num_image_tokens != self.num_image_tokens:
             # JanusProcessor defaults to 576 placeholders; a mismatch breaks every understanding prompt.
             processor.num_image_tokens = self.num_image_tokens
+        if path is not None:
+            load_saved_lora(self, folder)
 
     # ---- sharding (FSDP2, Lightning's ModelParallelStrategy) ----------------------------------------
     def unsharded_modules(self) -> list[torch.nn.Module]:

@@ -21,6 +21,10 @@ against every family. The contract:
   `generation_modules()` (what draws and never reads), `sharding_units()`,
   `checkpointing_units()` and `unsharded_modules()` (FSDP units, activation checkpointing, frozen
   parts kept whole), from which `fully_shard(mesh)` shards with FSDP2.
+- An adapter built from a folder ends its `__init__` with `dualfw.core.lora.load_saved_lora(self,
+  folder)`, so an export whose LoRA serves one direction loads as it was trained. The drawing calls
+  (`sample_images`, `image_logprobs`) and the reading calls (`text_logprobs`, `sample_texts`) are
+  wrapped by the base class to run with such adapters off in the other direction (`lora_off_in`).
 
 Conventions shared by every adapter:
 - images are float tensors (n, 3, H, W) in [0, 1] at `image_size`;
@@ -32,6 +36,7 @@ Conventions shared by every adapter:
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +140,15 @@ class LMMAdapter(nn.Module, ABC):
     image_size: int
     #: text_logprobs reads decoded pixels (a vision encoder) rather than the image tokens
     reads_pixels: bool = True
+    #: directions ("t2i": drawing calls, "i2t": reading calls) that run with LoRA layers off
+    #: (`dualfw.core.lora`, LoRA for one direction only)
+    lora_off_in: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, direction in _DIRECTION_OF_CALL.items():
+            if name in cls.__dict__:
+                setattr(cls, name, _in_direction(cls.__dict__[name], direction))
 
     @abstractmethod
     def sample_images(
@@ -290,6 +304,25 @@ class LMMAdapter(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+# Which direction each model call belongs to: LoRA for one direction is off in the other's calls.
+_DIRECTION_OF_CALL = {"sample_images": "t2i", "image_logprobs": "t2i", "text_logprobs": "i2t", "sample_texts": "i2t"}
+
+
+def _in_direction(method: Callable, direction: str) -> Callable:
+    """`method` run with the adapter's LoRA layers off when `direction` is in its `lora_off_in`."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if direction not in self.lora_off_in:
+            return method(self, *args, **kwargs)
+        from dualfw.core.lora import adapters_off
+
+        with adapters_off(self.lora_module()):
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 class FrozenView:

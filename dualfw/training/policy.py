@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +14,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from dualfw.core.errors import ConfigError
 from dualfw.core.losses import PairLogps, PreferenceLoss, SimPO, chosen_nll
 from dualfw.core.interface import FrozenView, LMMAdapter
+from dualfw.core.lora import LoraSpec, apply_lora, save_split
 from dualfw.training.reference import Reference
 from dualfw.training.scorer import DualScorer
 from dualfw.core.selfreward import Group, sequence_logps
@@ -22,19 +22,6 @@ from dualfw.core.selfreward import Group, sequence_logps
 
 def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-
-
-@dataclass
-class LoraSpec:
-    """LoRA through peft. The Reference (and a frozen scorer) then reuse the policy with its
-    adapters disabled instead of holding a second copy of the model."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    #: peft target_modules (names, or a regex matched against full module names); None: the
-    #: adapter's declared defaults (`LMMAdapter.lora_targets`, the language model's projections)
-    target_modules: list[str] | str | None = None
 
 
 class Policy(L.LightningModule):
@@ -69,9 +56,12 @@ class Policy(L.LightningModule):
             Learning the policy's own samples feeds back (each step sharpens the distribution the
             next samples come from); fixed samples do not, which matters at large learning rates.
         train: which weights learn. "all": every trainable weight (or the LoRA adapters).
-            "generation": only the modules the model draws with and never reads with
-            (`LMMAdapter.generation_modules`): understanding, and so the live scorer's R_G, stay
-            exactly the initial model's, and t2i training cannot co-degrade its own judge.
+            "generation": only what draws: without `lora`, the modules the model draws with and
+            never reads with (`LMMAdapter.generation_modules`); with `lora`, LoRA adapters on the
+            language model that are active only while it draws (`dualfw.core.lora`). Either way
+            understanding, and so the live scorer's R_G, stays exactly the initial model's, and t2i
+            training cannot co-degrade its own judge. "understanding": LoRA adapters active only
+            while the model reads (needs `lora`); drawing stays the initial model's.
     """
 
     def __init__(
@@ -89,7 +79,7 @@ class Policy(L.LightningModule):
         chosen_nll_weight: float = 0.0,
         guided_logps: bool = False,
         rollouts_from: Literal["policy", "initial"] = "policy",
-        train: Literal["all", "generation"] = "all",
+        train: Literal["all", "generation", "understanding"] = "all",
     ) -> None:
         super().__init__()
         self.model = model
@@ -107,18 +97,19 @@ class Policy(L.LightningModule):
         self._peft = []  # the PeftModel wraps self.model's weights; a list keeps them from being saved twice
         if rollouts_from not in ("policy", "initial"):
             raise ConfigError(f"model.init_args.rollouts_from must be 'policy' or 'initial', got {rollouts_from!r}")
-        if train not in ("all", "generation"):
-            raise ConfigError(f"model.init_args.train must be 'all' or 'generation', got {train!r}")
-        if train == "generation":
-            if lora is not None:
-                raise ConfigError("model.init_args.train 'generation' trains whole modules: unset model.init_args.lora")
+        if train not in ("all", "generation", "understanding"):
+            raise ConfigError(f"model.init_args.train must be 'all', 'generation' or 'understanding', got {train!r}")
+        if train == "understanding" and lora is None:
+            raise ConfigError("model.init_args.train 'understanding' trains LoRA adapters used while reading: set model.init_args.lora")
+        if train == "generation" and lora is None:
             model.requires_grad_(False)
             for module in model.generation_modules():
                 module.requires_grad_(True)
         self.train_parts = train
         _mark_units(model)
         if lora is not None:
-            self._peft = [_apply_lora(model, lora)]
+            for_direction = {"all": None, "generation": "t2i", "understanding": "i2t"}[train]
+            self._peft = [apply_lora(model, lora, for_direction)]
         # The initial model, wherever something needs it (the loss's KL anchor, a frozen scorer,
         # rollouts_from initial): one frozen copy serves all three, or with LoRA the policy itself
         # with adapters off. Lists keep it out of checkpoints: it is rebuilt from the config on resume.
@@ -176,10 +167,12 @@ class Policy(L.LightningModule):
     # ---- the loss of one direction -----------------------------------------------------------------
     def direction_loss(self, group: Group) -> tuple[torch.Tensor | None, dict]:
         """Loss and statistics of one direction's group of samples."""
-        if group.direction == "i2t" and self.train_parts == "generation":
+        fixed = {"generation": "i2t", "understanding": "t2i"}.get(self.train_parts)
+        if group.direction == fixed:
+            only = {"i2t": "t2i", "t2i": "i2t"}[fixed]
             raise ConfigError(
-                "model.init_args.train 'generation' trains drawing only: the i2t direction has nothing to "
-                "train (set model.init_args.train: all, or data.init_args.schedule: t2i)"
+                f"model.init_args.train {self.train_parts!r} trains the {only} direction only: the {fixed} "
+                f"direction has nothing to train (set model.init_args.train: all, or data.init_args.schedule: {only})"
             )
         kept = group.kept
         stats = {
@@ -351,8 +344,11 @@ class Policy(L.LightningModule):
 
     # ---- export -----------------------------------------------------------------------------------
     def export_pretrained(self, folder: str | Path) -> Path:
-        """Save the trained policy where transformers loads it (`from_pretrained(folder)`); LoRA
-        adapters are merged into the weights first (the policy stays usable afterwards)."""
+        """Save the trained policy where transformers loads it (`from_pretrained(folder)`). LoRA
+        adapters for both directions are merged into the weights first; adapters for one direction
+        are saved beside the base weights (`dualfw.core.lora.save_split`). The policy stays usable."""
+        if self._peft and self.model.lora_off_in:
+            return save_split(self.model, self._peft[0], folder)
         if self._peft:
             self._peft.pop().merge_and_unload()  # in place: the adapter's model now holds merged weights
         return self.model.save_pretrained(folder)
@@ -389,21 +385,3 @@ def init_fsdp1_root(root: torch.nn.Module | None) -> None:
         from torch.distributed.fsdp._runtime_utils import _lazy_init
 
         _lazy_init(root, root)
-
-
-def _apply_lora(model: LMMAdapter, spec: LoraSpec):
-    """Inject LoRA layers into the adapter's `lora_module()` in place; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = model.lora_targets() if spec.target_modules is None else spec.target_modules
-    targets = targets if isinstance(targets, str) else list(targets)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
-    module = model.lora_module()
-    try:
-        return get_peft_model(module, config)
-    except ValueError as err:
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(
-            f"model.init_args.lora.target_modules {targets} match no layer of the model "
-            f"(linear layers are named e.g. {', '.join(names[:12])}): {str(err).splitlines()[0]}"
-        ) from None

@@ -1,0 +1,161 @@
+"""LoRA through peft, for both directions or for one.
+
+Adapters used by one direction: with `for_direction="t2i"` the LoRA layers are active while the
+model draws (`sample_images`, `image_logprobs`) and off while it reads (`text_logprobs`,
+`sample_texts`), so understanding, R_G and every answer stay exactly the base's while drawing
+learns through the language model itself (its attention to the prompt's words); `"i2t"` the other
+way round. Such adapters cannot be merged into shared weights, so an export keeps them apart: the
+base weights where the model's own library loads them, the adapters in `<folder>/lora/` (a peft
+adapter folder) and `<folder>/dualfw_lora.json` saying which direction uses them.
+`load_saved_lora` attaches them again when an adapter is built from that folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from dualfw.core.errors import ConfigError
+
+LORA_FILE = "dualfw_lora.json"  # in an exported folder: {"for_direction": "t2i", "path": "lora"}
+DIRECTIONS = ("t2i", "i2t")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA through peft. The Reference (and a frozen scorer) then reuse the policy with its
+    adapters disabled instead of holding a second copy of the model."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    #: peft target_modules (names, or a regex matched against full module names); None: the
+    #: adapter's declared defaults (`LMMAdapter.lora_targets`, the language model's projections)
+    target_modules: list[str] | str | None = None
+
+
+def apply_lora(adapter, spec: LoraSpec, for_direction: Literal["t2i", "i2t"] | None = None):
+    """Inject LoRA layers into `adapter.lora_module()` in place; returns the PeftModel. With
+    `for_direction` the layers are off in the other direction's calls (see the module docstring)."""
+    from peft import LoraConfig, get_peft_model
+
+    if has_lora(adapter):
+        raise ConfigError(
+            "model.init_args.lora: the model already carries LoRA adapters (an export trained with "
+            "them for one direction); train it without model.init_args.lora, or start from its base"
+        )
+    targets = adapter.lora_targets() if spec.target_modules is None else spec.target_modules
+    targets = targets if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    module = adapter.lora_module()
+    try:
+        peft_model = get_peft_model(module, config)
+    except ValueError as err:
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"model.init_args.lora.target_modules {targets} match no layer of the model "
+            f"(linear layers are named e.g. {', '.join(names[:12])}): {str(err).splitlines()[0]}"
+        ) from None
+    _set_direction(adapter, for_direction)
+    return peft_model
+
+
+def _set_direction(adapter, for_direction: str | None) -> None:
+    if for_direction is not None and for_direction not in DIRECTIONS:
+        raise ConfigError(f"LoRA for_direction must be one of {DIRECTIONS} or None, got {for_direction!r}")
+    adapter.lora_off_in = frozenset(d for d in DIRECTIONS if for_direction not in (None, d))
+
+
+def has_lora(adapter) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in adapter.lora_module().modules())
+
+
+@contextlib.contextmanager
+def adapters_off(module: nn.Module) -> Iterator[None]:
+    """Run with every LoRA layer of `module` off, then restore each layer (and its weights'
+    requires_grad) as it was: nests inside peft's `disable_adapter` and itself."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    flags = [(p, p.requires_grad) for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def save_split(adapter, peft_model, folder: str | Path) -> Path:
+    """Export a model whose LoRA serves one direction: the base weights through
+    `adapter.save_pretrained` (LoRA layers taken out, then put back), the adapters beside them."""
+    folder = Path(folder)
+    (for_direction,) = [d for d in DIRECTIONS if d not in adapter.lora_off_in]
+    state_dict = adapter._gathered_state_dict()[0] if adapter._is_sharded else None
+    writes = not adapter._is_sharded or torch.distributed.get_rank() == 0
+    if writes:
+        lora_state = None
+        if state_dict is not None:  # keys relative to the transformers model; peft's are under base_model.model
+            lora_state = {f"base_model.model.{k}": v for k, v in state_dict.items()}
+        peft_model.save_pretrained(folder / "lora", state_dict=lora_state, safe_serialization=True)
+    lora_layers = _take_out_lora(adapter.lora_module())
+    try:
+        adapter.save_pretrained(folder)
+    finally:
+        _put_back(lora_layers)
+    if writes:
+        (folder / LORA_FILE).write_text(json.dumps({"for_direction": for_direction, "path": "lora"}) + "\n")
+    return folder
+
+
+def _take_out_lora(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every LoRA layer for its base layer (in place); returns what `_put_back` needs."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if isinstance(child, BaseTunerLayer):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            swapped.append((parent, attr, child))
+            setattr(parent, attr, child.get_base_layer())
+    return swapped
+
+
+def _put_back(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for parent, attr, layer in swapped:
+        setattr(parent, attr, layer)
+
+
+def load_saved_lora(adapter, folder: str | Path) -> None:
+    """Attach the one-direction LoRA adapters of an exported folder (no-op without them), frozen;
+    the base weights keep their requires_grad. Every adapter built from a folder calls this."""
+    marker = Path(folder) / LORA_FILE
+    if not marker.exists():
+        return
+    try:
+        saved = json.loads(marker.read_text())
+        for_direction, path = saved["for_direction"], Path(folder) / saved["path"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"'{marker}' is not a dualfw LoRA description ({err})") from None
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"'{marker}' names LoRA adapters in '{path}', which holds no adapter_config.json")
+    from peft import PeftModel
+
+    module = adapter.lora_module()
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    PeftModel.from_pretrained(module, path, is_trainable=False)  # injects the layers into `module` in place
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    _set_direction(adapter, for_direction)
