@@ -5,7 +5,7 @@ from dualfw.adapters.janus import JanusAdapter
 from dualfw.core.interface import ImageSampling, LMMAdapter, TextSampling
 from dualfw.core.lora import LoraSpec
 from dualfw.core.losses import DPO, GRPO, IPO, ChosenNLL, SimPO
-from dualfw.training.callbacks import ExportPretrained, PairImageGrid
+from dualfw.training.callbacks import ExportPretrained, PairImageGrid, TimeSplit
 from dualfw.training.datamodule import SelfRewardDataModule
 from dualfw.training.policy import Policy
 from dualfw.training.predict import BestOfKWriter
@@ -34,4 +34,5 @@ __all__ = [
     "SelfRewardDataModule",
     "SimPO",
     "TextSampling",
+    "TimeSplit",
 ]

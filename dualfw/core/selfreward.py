@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,6 +52,7 @@ class Group:
     instruction: str = ""  # i2t: the user turn the descriptions answer
     meta: list[dict] = field(default_factory=list)  # per input: prompt-file fields or image path
     guidance_scale: float = 1.0  # t2i: the CFG scale the images were sampled with
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds spent: "sample", "score" (empty: read back)
 
     @property
     def kept(self) -> Tensor:
@@ -87,6 +89,14 @@ def select_pairs(rewards: Tensor, pairing: Pairing = "best_worst", margin: float
     return torch.stack([rows[ok], chosen[ok], rejected[ok]], dim=1)
 
 
+def clock(device: torch.device | str | None = None) -> float:
+    """perf_counter once the device's queued work is done (CUDA runs asynchronously, so a phase's
+    time is only its own after a synchronisation)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def rollout_t2i(
     policy: LMMAdapter,
@@ -100,11 +110,14 @@ def rollout_t2i(
     progress: bool = False,
 ) -> Group:
     """Sample k images per prompt from `policy`, reward each by `scorer` (R_G), pick pairs."""
+    start = clock(policy.device)
     tokens = policy.sample_images(prompts, k, sampling, seed=seed, progress=progress)
+    sampled = clock(tokens.device)
     rewards = scorer.image_rewards(tokens.flatten(0, 1), [p for p in prompts for _ in range(k)]).view(len(prompts), k)
+    scored = clock(rewards.device)
     return Group(
         "t2i", rewards, select_pairs(rewards, pairing, margin), prompts=prompts, image_tokens=tokens,
-        guidance_scale=sampling.guidance_scale,
+        guidance_scale=sampling.guidance_scale, seconds={"sample": sampled - start, "score": scored - sampled},
     )
 
 
@@ -121,12 +134,16 @@ def rollout_i2t(
     seed: int | None = None,
 ) -> Group:
     """Sample k descriptions per image from `policy`, reward each by `scorer` (R_U), pick pairs."""
+    start = clock(pixels.device)
     texts = policy.sample_texts(pixels, k, instruction, sampling, seed=seed)
-    image_tokens = policy.encode_images(pixels)
+    sampled = clock(pixels.device)
+    image_tokens = policy.encode_images(pixels)  # R_U's target: part of scoring
     rewards = scorer.text_rewards(image_tokens, texts)
+    scored = clock(rewards.device)
     return Group(
         "i2t", rewards, select_pairs(rewards, pairing, margin),
         image_tokens=image_tokens, pixels=pixels, texts=texts, instruction=instruction,
+        seconds={"sample": sampled - start, "score": scored - sampled},
     )
 
 

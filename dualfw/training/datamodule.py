@@ -149,6 +149,7 @@ class SelfRewardStream:
                         groups[direction] = group
                 if groups:
                     dm.record(groups, seed, epoch=self.epoch, round=step, step=trainer.global_step)
+                dm.spent.append(rollout_spending(groups))
             self._check_pairs(groups)
             # a round without pairs still goes in: it is counted (data/skipped_inputs) and takes its
             # step, and with several ranks every rank must take a training step (its collectives)
@@ -179,6 +180,29 @@ class SelfRewardStream:
             f"{self._without_pairs} consecutive sampling rounds gave no preference pair: {cause} "
             f"(data.max_rounds_without_pairs {limit})"
         )
+
+
+SPENDING = ("sample_s", "score_s", "images", "image_tokens", "image_sample_s", "texts", "text_sample_s")
+
+
+def rollout_spending(groups: dict[str, Group]) -> dict[str, float]:
+    """What sampling one round cost (the keys of SPENDING): wall seconds sampling and scoring, and
+    what was made, images and their tokens (t2i) or texts (i2t), with each direction's sampling
+    seconds for its throughput."""
+    spent = dict.fromkeys(SPENDING, 0.0)
+    for group in groups.values():
+        if not group.seconds:  # read back from disk: nothing spent
+            continue
+        spent["sample_s"] += group.seconds["sample"]
+        spent["score_s"] += group.seconds["score"]
+        if group.direction == "t2i":
+            spent["images"] += group.image_tokens.shape[0] * group.image_tokens.shape[1]
+            spent["image_tokens"] += group.image_tokens.numel()
+            spent["image_sample_s"] += group.seconds["sample"]
+        else:
+            spent["texts"] += sum(len(texts) for texts in group.texts)
+            spent["text_sample_s"] += group.seconds["sample"]
+    return spent
 
 
 def _samples_equal(group: Group) -> bool:
@@ -214,6 +238,9 @@ class SelfRewardDataModule(L.LightningDataModule):
         seed: seeds the input order and every sampling round (a round's seed is in its rollout).
         shuffle: shuffle the inputs each epoch.
         progress: show a progress bar while sampling images.
+        time_split: log per step the seconds spent sampling, scoring and updating and the rollout
+            throughput, and print a summary at the end of fit (adds a dualfw.TimeSplit callback
+            unless the trainer has one).
     """
 
     def __init__(
@@ -234,6 +261,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         shuffle: bool = True,
         progress: bool = True,
         max_rounds_without_pairs: int = 20,
+        time_split: bool = True,
     ) -> None:
         super().__init__()
         check_margin(margin)
@@ -259,6 +287,8 @@ class SelfRewardDataModule(L.LightningDataModule):
         self.pairing, self.top_k, self.margin = pairing, top_k, margin
         self.seed, self.shuffle, self.progress = seed, shuffle, progress
         self.max_rounds_without_pairs = max_rounds_without_pairs
+        self.time_split = time_split
+        self.spent: list[dict[str, float]] = []  # per sampled round (rollout_spending), drained by TimeSplit
         # read now: a bad file fails before any model loads
         self.records: list[dict] = read_prompts(prompts) if "t2i" in needs else []
         self.image_files: list[Path] = list_images(images) if "i2t" in needs else []
@@ -271,6 +301,12 @@ class SelfRewardDataModule(L.LightningDataModule):
         policy = self.trainer.lightning_module
         if stage == "fit":
             self.check_prompt_lengths(getattr(policy, "model", None))
+            if self.time_split:
+                from dualfw.training.callbacks import TimeSplit  # callbacks import this module
+
+                if not any(isinstance(cb, TimeSplit) for cb in self.trainer.callbacks):
+                    # first: its batch-end hook reads the clock before image grids and checkpoints
+                    self.trainer.callbacks.insert(0, TimeSplit())
 
     def check_prompt_lengths(self, adapter) -> None:
         """Refuse a prompt longer than the model's context holds with an image after it (when the
