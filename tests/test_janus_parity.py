@@ -57,6 +57,19 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_adapter):
     assert not torch.equal(a[0, 0], a[0, 1]), "the K samples of one prompt should differ"
 
 
+def test_the_token_sampler_draws_the_tokens_torch_multinomial_draws():
+    from dualfw.adapters.decoding import token_sampler
+
+    logits = torch.randn(16, 64, generator=torch.Generator().manual_seed(3)) * 3
+    for temperature in (1.0, 0.7):
+        sample = token_sampler(ImageSampling(temperature=temperature), seed=11, device=torch.device("cpu"))
+        generator = torch.Generator().manual_seed(11)
+        draws = [sample(logits) for _ in range(20)]
+        reference = [torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator).squeeze(-1) for _ in range(20)]
+        assert all(torch.equal(d, r) for d, r in zip(draws, reference))
+        assert len({tuple(d.tolist()) for d in draws}) > 1
+
+
 def test_image_logprobs_match_stepwise_forward_in_a_padded_batch(tiny_adapter, stepwise_logprobs):
     tokens = torch.randint(0, 64, (2, tiny_adapter.num_image_tokens), generator=torch.Generator().manual_seed(0))
     batched = tiny_adapter.image_logprobs([MIXED[0], MIXED[1]], tokens)

@@ -33,7 +33,9 @@ def token_sampler(sampling: ImageSampling, seed: int | None, device: torch.devic
 
     def sample(logits):
         probs = F.softmax(warpers(None, logits) if warpers else logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        # torch.multinomial's own draw of one sample, argmax(p / E) with E ~ Exp(1): the same tokens
+        # from the same generator, without its input checks, which wait for the device every step
+        return probs.div_(torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
 
     return sample
 

@@ -218,10 +218,10 @@ class JanusAdapter(LMMAdapter):
             if i == n_tokens - 1:
                 break  # transformers runs the model once more here, for nothing
             bias[..., prefix + i] = 0.0
-            step = next_token.repeat(2) if cfg else next_token
+            embeds = self._embed_image_tokens(next_token[:, None])
             hidden = decode_step(
                 lm,
-                self._embed_image_tokens(step[:, None]),
+                embeds.repeat(2, 1, 1) if cfg else embeds,  # both CFG rows feed the same token: embedded once
                 bias[..., : prefix + i + 1],
                 positions[:, i : i + 1],
                 (cos[:, i : i + 1], sin[:, i : i + 1]),
