@@ -103,6 +103,26 @@ def test_text_logprobs_equal_log_softmax_of_transformers_forward(tiny_adapter):
         torch.testing.assert_close(logps[i, :n], reference, atol=1e-5, rtol=0)
 
 
+def test_an_image_read_with_several_texts_is_read_once_with_the_same_logprobs(tiny_adapter, monkeypatch):
+    from dualfw.core.interface import Images
+
+    tokens = torch.randint(0, 64, (3, tiny_adapter.num_image_tokens), generator=torch.Generator().manual_seed(2))
+    rows = [0, 1, 2, 0, 1, 2, 0, 2]  # each image with several texts, of different lengths (right padding)
+    texts = ["a red circle", "two blue squares left of a green triangle", "a dog", "a cat", "x",
+             "three yellow triangles above one purple square", "one small white triangle", "a"]
+    vision, seen = tiny_adapter.model.model.vision_model, []
+    forward = vision.forward
+    monkeypatch.setattr(vision, "forward", lambda pixel_values, *a, **k: seen.append(len(pixel_values)) or forward(pixel_values, *a, **k))
+    with torch.no_grad():  # scoring: each distinct image's prefix runs once
+        shared, mask = tiny_adapter.text_logprobs(Images(tokens[rows], None, tiny_adapter.decode_images), texts, "Describe this image.", eos=True)
+    assert seen == [3]
+    # with gradients (training) every row is read on its own: the reference
+    full, full_mask = tiny_adapter.text_logprobs(Images(tokens[rows], None, tiny_adapter.decode_images), texts, "Describe this image.", eos=True)
+    assert seen == [3, len(rows)] and full.requires_grad
+    assert torch.equal(mask, full_mask) and mask.sum(1).min() < mask.sum(1).max()
+    torch.testing.assert_close(shared, full.detach(), atol=1e-5, rtol=0)
+
+
 def test_decode_then_encode_round_trip_shapes(tiny_adapter):
     tokens = tiny_adapter.sample_images(["a red circle"], k=2, sampling=ImageSampling(), seed=0)[0]
     pixels = tiny_adapter.decode_images(tokens)

@@ -23,6 +23,17 @@ from dualfw.adapters.tiny import TinyJanusSpec, build_tiny_janus
 
 
 
+def repeated_rows(tokens: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor] | None:
+    """(a row index of each distinct row, each row's distinct-row number) of image tokens (n, N),
+    or None when every row is distinct."""
+    unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+    if len(unique) == len(tokens):
+        return None
+    rows = torch.arange(len(tokens), device=tokens.device)
+    first = torch.full((len(unique),), len(tokens), device=tokens.device).scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
+
+
 def check_janus_folder(path: str | Path) -> Path:
     """Fail early, naming the folder, when it does not hold a transformers Janus checkpoint."""
     folder, config = read_model_config(path)
@@ -298,20 +309,52 @@ class JanusAdapter(LMMAdapter):
             raise ValueError("cannot score an empty text")
         longest = max(len(a) for a in answers)
         ids = torch.full((len(texts), len(prefix) + longest), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
         answer_mask = torch.zeros(len(texts), longest, dtype=torch.bool)
         for i, a in enumerate(answers):  # right padding: every answer starts at len(prefix)
             ids[i, : len(prefix) + len(a)] = torch.tensor(prefix + a)
-            attn[i, : len(prefix) + len(a)] = 1
             answer_mask[i, : len(a)] = True
-        ids, attn, answer_mask = ids.to(self.device), attn.to(self.device), answer_mask.to(self.device)
+        ids, answer_mask = ids.to(self.device), answer_mask.to(self.device)
         self._gather_root()
-        pixel_values = None if images is None else self.understanding_pixels(images.pixels)
-        hidden = self.model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=attn, use_cache=False).last_hidden_state
-        # position t predicts token t + 1: the answer is predicted from len(prefix) - 1 on
-        logits = self.model.lm_head(hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]).float()
+        shared = None
+        if images is not None and images.tokens is not None and not torch.is_grad_enabled():
+            shared = repeated_rows(images.tokens)
+        if shared is not None:
+            hidden = self._read_each_image_once(ids, len(prefix), images, *shared)
+        else:
+            pixel_values = None if images is None else self.understanding_pixels(images.pixels)
+            # no attention mask: the padding is on the right, where causal attention never looks
+            # from a scored token (and without a mask SDPA runs its causal kernel)
+            hidden = self.model.model(input_ids=ids, pixel_values=pixel_values, use_cache=False).last_hidden_state
+            # position t predicts token t + 1: the answer is predicted from len(prefix) - 1 on
+            hidden = hidden[:, len(prefix) - 1 : len(prefix) - 1 + longest]
+        logits = self.model.lm_head(hidden).float()
         logps = logits.log_softmax(-1).gather(-1, ids[:, len(prefix) :, None]).squeeze(-1)
         return logps * answer_mask, answer_mask
+
+    def _read_each_image_once(
+        self, ids: torch.LongTensor, n_prefix: int, images: Images, first: torch.LongTensor, inverse: torch.LongTensor
+    ) -> torch.Tensor:
+        """Hidden states predicting the answers `ids[:, n_prefix:]` when several rows read the same
+        image (`first`: a row of each distinct image, `inverse`: each row's image): the prefix
+        (instruction and image) runs once per image and its cache serves that image's answers, as
+        batch-contrasted R_G reads each image with every prompt of the batch. No grad (scoring)."""
+        from transformers import DynamicCache
+
+        janus = self.model.model
+        cache = DynamicCache(config=self.model.config.text_config)
+        read = janus(
+            input_ids=ids[:1, :n_prefix].expand(len(first), -1),  # every row's prefix is the same
+            pixel_values=self.understanding_pixels(images[first].pixels), cache=cache, use_cache=True,
+        ).last_hidden_state[:, -1:]
+        inverse = inverse.to(ids.device)
+        hidden = [read[inverse]]  # the prefix's last position predicts every answer's first token
+        if ids.shape[1] - n_prefix > 1:
+            cache.batch_select_indices(inverse)
+            answers = janus.language_model(
+                inputs_embeds=self.model.get_input_embeddings()(ids[:, n_prefix:-1]), cache=cache, use_cache=True
+            )
+            hidden.append(answers.last_hidden_state)
+        return torch.cat(hidden, 1)
 
     @torch.no_grad()
     def sample_texts(

@@ -41,7 +41,8 @@ class DualScorer(L.LightningModule):
 
     An image that supports any prompt (clutter: more objects give more words support) or a
     description that fits any image earns nothing by it (`benchmarks/shapes_rewards.py` measures
-    the object-count bias of each reward). Costs one more scoring pass per other input.
+    the object-count bias of each reward). Costs one more scoring pass per other input; for R_G
+    an adapter that reads a repeated image once (JanusAdapter) runs only the other prompts' tokens.
 
     Args:
         reduction: R_G over the prompt's tokens: "mean" per token (the paper) or "sum".
@@ -101,13 +102,16 @@ class DualScorer(L.LightningModule):
             yield slice(start, start + self.batch_size)
 
     @torch.no_grad()
-    def prompt_loglik(self, tokens: Tensor | None, prompts: list[str], pixels: Tensor | None = None) -> Tensor:
+    def prompt_loglik(
+        self, tokens: Tensor | None, prompts: list[str], pixels: Tensor | None = None, rows: Tensor | None = None
+    ) -> Tensor:
         """log pi(prompt | image), reduced; tokens None scores the prompts with no image. `pixels`:
-        the images already decoded from `tokens`, when they are scored more than once."""
+        the images already decoded from `tokens`, when they are scored more than once. `rows`:
+        prompt i reads image rows[i] (default: image i)."""
         images = None if tokens is None else Images(tokens, pixels, self.model.decode_images)
         out = []
         for part in self._chunks(len(prompts)):
-            batch = None if images is None else images[part]
+            batch = None if images is None else images[part if rows is None else rows[part]]
             logps, mask = self.model.text_logprobs(batch, prompts[part], self.instruction, eos=self.score_eos)
             out.append(reduce_logps(logps, mask, self.reduction))
         return torch.cat(out)
@@ -127,21 +131,27 @@ class DualScorer(L.LightningModule):
         return self._image_rewards(tokens, prompts)
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
-        pixels = None
-        if self.batch_contrast and self.model.reads_pixels:  # decoded once (in scoring-sized chunks), read with every prompt
-            pixels = torch.cat([self.model.decode_images(tokens[part]) for part in self._chunks(len(tokens))])
-        rewards = self.prompt_loglik(tokens, prompts, pixels)
+        if self.batch_contrast:
+            unique = sorted(set(prompts))
+            index = [unique.index(p) for p in prompts]
+            pixels = None
+            if self.model.reads_pixels:  # decoded once (in scoring-sized chunks), read with every prompt
+                pixels = torch.cat([self.model.decode_images(tokens[part]) for part in self._chunks(len(tokens))])
+            # each image with its own prompt (shift 0), then every other prompt of the batch once,
+            # image-major: a scoring batch holds an image's prompts together, and an adapter that
+            # sees an image repeated reads it once for all of them
+            shifts = len(unique)
+            rows = torch.arange(len(prompts), device=tokens.device).repeat_interleave(shifts)
+            read = [unique[(i + s) % shifts] for i in index for s in range(shifts)]
+            scores = self.prompt_loglik(tokens, read, pixels, rows).view(len(prompts), shifts)
+            rewards, others = scores[:, 0], list(scores[:, 1:].unbind(1))
+        else:
+            rewards = self.prompt_loglik(tokens, prompts)
         if self.contrastive:
             unique = sorted(set(prompts))
             baseline = dict(zip(unique, self.prompt_loglik(None, unique).tolist()))
             rewards = rewards - torch.tensor([baseline[p] for p in prompts], device=rewards.device)
         if self.batch_contrast:
-            unique = sorted(set(prompts))
-            index = [unique.index(p) for p in prompts]
-            # shift s pairs every image with each other prompt exactly once
-            others = [
-                self.prompt_loglik(tokens, [unique[(i + s) % len(unique)] for i in index], pixels) for s in range(1, len(unique))
-            ]
             rewards = rewards - _log_mean_exp(others, "prompts", len(unique))
         return rewards
 
