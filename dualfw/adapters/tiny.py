@@ -66,6 +66,9 @@ class TinyJanusSpec:
     vq_num_res_blocks: int = 1
     init_std: float = 0.2
     seed: int = 0
+    #: rows of the language model's text embedding and head; None: the tokenizer's size. Larger
+    #: (e.g. Janus-Pro's 102400) gives a model of a real checkpoint's shape; the tokenizer uses the first rows
+    text_vocab_size: int | None = None
 
 
 def build_tokenizer(vocab_size: int = 512):
@@ -120,7 +123,7 @@ def build_tiny_janus(spec: TinyJanusSpec | None = None):
     patches = spec.image_size // spec.patch_size
     h = spec.hidden_size
     text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(spec.text_vocab_size or 0, len(tokenizer)),
         hidden_size=h,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,

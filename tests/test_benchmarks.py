@@ -1,0 +1,58 @@
+"""benchmarks/sampling.py's device path (Janus-Pro shapes), run here on the tiny shape."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sampling_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bandwidth_floor_counts_what_a_decode_step_reads(bench):
+    from transformers import DynamicCache
+
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.adapters.tiny import TinyJanusSpec
+
+    adapter = JanusAdapter(tiny=TinyJanusSpec(**bench.SHAPES["tiny"][0]), dtype="bfloat16")
+    janus, size = adapter.model.model, lambda params: sum(p.numel() * p.element_size() for p in params)
+    # everything but what decoding never reads: text embedding and head (tied here), vision tower, VQ,
+    # image-token embedding
+    unread = {p for m in (janus.language_model.embed_tokens, adapter.model.lm_head, janus.vision_model, janus.aligner,
+                          janus.vqmodel, janus.generation_embeddings) for p in m.parameters()}
+    assert bench.decode_weight_bytes(adapter) == size(adapter.parameters()) - size(unread) > 0
+
+    ids, _ = adapter.generation_inputs(["a red circle"])
+    cache = DynamicCache(config=adapter.model.config.text_config)
+    with torch.no_grad():
+        janus.language_model(input_ids=ids, cache=cache, use_cache=True)
+    per_position = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / ids.shape[1]
+    n, prefix, rows = adapter.num_image_tokens, 10, 3
+    mean_positions = sum(prefix + step + 1 for step in range(n - 1)) / (n - 1)
+    assert bench.kv_bytes_per_step(adapter, rows, prefix) == pytest.approx(rows * per_position * mean_positions)
+
+
+def test_the_device_path_runs_on_the_tiny_shape(bench, capsys):
+    # float32: greedy tokens equal transformers' (in bf16 they may part at near ties)
+    bench.main(["--device", "cpu", "--shapes", "tiny", "--dtype", "float32", "--repeats", "1", "--bandwidth", "20", "--k", "2"])
+    out = capsys.readouterr().out
+    assert "greedy tokens against transformers' generate: equal" in out
+    floor = float(re.search(r"floor at 20 GB/s: ([\d.]+) ms/step \(weights\)", out).group(1))
+    for label in ("ours (sample_images)", "transformers generate"):
+        row = re.search(rf"{re.escape(label)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+-\s+([\d.]+)", out)
+        images_per_s, seconds, ms_per_step, times_floor = map(float, row.groups())
+        rounding = 5e-4 / seconds  # the seconds are printed to the millisecond
+        assert images_per_s == pytest.approx(4 * 2 / seconds, rel=rounding)
+        assert ms_per_step == pytest.approx(1e3 * seconds / 4, rel=rounding, abs=5e-3)  # 4 image tokens
+        assert times_floor == pytest.approx(ms_per_step / floor, rel=5e-3 / ms_per_step + 1e-3)
+    assert "speed-up ours / transformers" in out
