@@ -222,7 +222,7 @@ def bench_shape(name: str, args) -> None:
     cuda = device.type == "cuda"
     start = time.perf_counter()
     with torch.device(device):  # built where it runs: a 1B model is never materialised on the host
-        adapter = JanusAdapter(tiny=TinyJanusSpec(**spec), dtype=args.dtype).eval()
+        adapter = JanusAdapter(tiny=TinyJanusSpec(**spec), dtype=args.dtype).to(device).eval()
     built = time.perf_counter() - start
     prompts = PROMPTS[: args.prompts or recipe_prompts]
     k, n_tokens = args.k, adapter.num_image_tokens
