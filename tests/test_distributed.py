@@ -1,11 +1,12 @@
 """FSDP2 (Lightning's ModelParallelStrategy, `fully_shard` in Policy.configure_model) on CPU: two
-gloo ranks fit the tiny Janus for 2 steps, save a sharded checkpoint, and resume it for 1 more.
+gloo ranks fit the tiny Janus for 2 steps, save a sharded checkpoint, and resume it for 1 more; the
+tiny Emu3 fits the same way.
 FSDP1 (conf/strategies/fsdp.yaml; Lightning's FSDPStrategy refuses CPUs): raw FullyShardedDataParallel
 on one in-process gloo rank, the two failures a GPU run met.
 
-Two `python -m dualfw.cli fit` launches; Lightning starts the second rank of each by subprocess, and
-every rank pays ~10 s of imports: about 45 s for both on 2 CPU cores. Set DUALFW_DISTRIBUTED_TESTS=0
-to skip it on a loaded machine.
+Each test launches `python -m dualfw.cli fit`; Lightning starts the second rank by subprocess, and
+every rank imports lightning and transformers first (the slow part). Set DUALFW_DISTRIBUTED_TESTS=0
+to skip them on a loaded machine.
 """
 
 import os
@@ -24,10 +25,11 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("DUALFW_DISTRIBUTED_TESTS", "1") == "0", reason="DUALFW_DISTRIBUTED_TESTS=0: 2-process CPU fit skipped"
 )
 
-def _fit(tmp_path: Path, *extra: str, recipe: str = "t2i") -> subprocess.CompletedProcess:
+def _fit(tmp_path: Path, *extra: str, recipe: str = "t2i", overlays: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     args = [
         "fit",
         "--config", str(ROOT / "conf" / f"{recipe}.yaml"),
+        *[arg for overlay in overlays for arg in ("--config", str(ROOT / "conf" / overlay))],
         "--config", str(ROOT / "conf" / "strategies" / "fsdp2.yaml"),
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
@@ -85,6 +87,22 @@ def test_fsdp2_two_ranks_fit_checkpoint_and_resume(tmp_path):
         rollouts = list(read_rollouts(run / f"rollouts.rank{rank}.jsonl"))
         assert len(rollouts) > len(first[rank])  # appended after the resume, nothing lost
         assert max(r["step"] for r in rollouts) == 2  # the resumed run sampled at global step 2
+
+
+def test_fsdp2_two_ranks_fit_the_second_family(tmp_path, tiny_emu3_folder):
+    """Emu3 through the same two-rank FSDP2 fit: its declared units shard, and the export gathered
+    by rank 0 is a whole model transformers loads, trained outside the frozen VQ."""
+    from transformers import Emu3ForConditionalGeneration
+
+    _fit(tmp_path, "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=1",
+         f"--model.init_args.model.init_args.path={tiny_emu3_folder}",
+         "--model.init_args.model.init_args.image_size=64", "--model.init_args.model.init_args.dtype=float32",
+         overlays=("models/emu3.yaml",))
+    exported = Emu3ForConditionalGeneration.from_pretrained(tmp_path / "t2i" / "run" / "export", local_files_only=True).state_dict()
+    base = Emu3ForConditionalGeneration.from_pretrained(tiny_emu3_folder, local_files_only=True).state_dict()
+    assert exported.keys() == base.keys() and all(exported[k].shape == base[k].shape for k in base)
+    changed = [k for k in base if not torch.equal(exported[k], base[k])]
+    assert changed and not any("vqmodel" in k for k in changed)
 
 
 def test_fsdp2_two_ranks_i2t_with_descriptions_of_different_lengths(tmp_path):
