@@ -89,6 +89,16 @@ def test_all_pairs_and_top_bottom_pairs():
         select_pairs(rewards, "random")
 
 
+def test_rollouts_pair_with_the_data_modules_top_k(tiny_adapter):
+    from dualfw.core.interface import ImageSampling
+    from dualfw.core.selfreward import rollout_t2i
+    from dualfw.training.scorer import RandomScorer
+
+    scorer = RandomScorer(seed=1)
+    group = rollout_t2i(tiny_adapter, scorer, ["a red circle"], 6, ImageSampling(), pairing="top_bottom", seed=0, top_k=3)
+    assert group.pairs.tolist() == select_pairs(group.rewards, "top_bottom", top_k=3).tolist() and len(group.pairs) == 3
+
+
 def test_k_below_two_is_rejected(tmp_path):
     from dualfw.training.datamodule import SelfRewardDataModule
 

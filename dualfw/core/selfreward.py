@@ -108,15 +108,17 @@ def rollout_t2i(
     margin: float = 0.0,
     seed: int | None = None,
     progress: bool = False,
+    top_k: int = 2,
 ) -> Group:
-    """Sample k images per prompt from `policy`, reward each by `scorer` (R_G), pick pairs."""
+    """Sample k images per prompt from `policy`, reward each by `scorer` (R_G), pick pairs
+    (`select_pairs` with `pairing`, `margin`, `top_k`)."""
     start = clock(policy.device)
     tokens = policy.sample_images(prompts, k, sampling, seed=seed, progress=progress)
     sampled = clock(tokens.device)
     rewards = scorer.image_rewards(tokens.flatten(0, 1), [p for p in prompts for _ in range(k)]).view(len(prompts), k)
     scored = clock(rewards.device)
     return Group(
-        "t2i", rewards, select_pairs(rewards, pairing, margin), prompts=prompts, image_tokens=tokens,
+        "t2i", rewards, select_pairs(rewards, pairing, margin, top_k), prompts=prompts, image_tokens=tokens,
         guidance_scale=sampling.guidance_scale, seconds={"sample": sampled - start, "score": scored - sampled},
     )
 
@@ -132,8 +134,10 @@ def rollout_i2t(
     pairing: Pairing = "best_worst",
     margin: float = 0.0,
     seed: int | None = None,
+    top_k: int = 2,
 ) -> Group:
-    """Sample k descriptions per image from `policy`, reward each by `scorer` (R_U), pick pairs."""
+    """Sample k descriptions per image from `policy`, reward each by `scorer` (R_U), pick pairs
+    (`select_pairs` with `pairing`, `margin`, `top_k`)."""
     start = clock(pixels.device)
     texts = policy.sample_texts(pixels, k, instruction, sampling, seed=seed)
     sampled = clock(pixels.device)
@@ -141,7 +145,7 @@ def rollout_i2t(
     rewards = scorer.text_rewards(image_tokens, texts)
     scored = clock(rewards.device)
     return Group(
-        "i2t", rewards, select_pairs(rewards, pairing, margin),
+        "i2t", rewards, select_pairs(rewards, pairing, margin, top_k),
         image_tokens=image_tokens, pixels=pixels, texts=texts, instruction=instruction,
         seconds={"sample": sampled - start, "score": scored - sampled},
     )

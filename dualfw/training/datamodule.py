@@ -353,7 +353,7 @@ class SelfRewardDataModule(L.LightningDataModule):
             records = [self.records[i] for i in chunk(len(self.records), epoch, index)]
             group = rollout_t2i(
                 policy.sampler, policy.scorer, [r["prompt"] for r in records], self.k, self.sampling,
-                pairing=self.pairing, margin=self.margin, seed=seed, progress=self.progress,
+                pairing=self.pairing, margin=self.margin, seed=seed, progress=self.progress, top_k=self.top_k,
             )
             group.meta = [{key: v for key, v in r.items() if key != "prompt"} for r in records]
             return group
@@ -370,7 +370,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         pixels = torch.stack([image for _, image in images]).to(policy.device)
         group = rollout_i2t(
             policy.sampler, policy.scorer, pixels, self.k, self.text_sampling, self.instruction,
-            pairing=self.pairing, margin=self.margin, seed=seed,
+            pairing=self.pairing, margin=self.margin, seed=seed, top_k=self.top_k,
         )
         group.meta = [{"image": str(file)} for file, _ in images]
         return group
