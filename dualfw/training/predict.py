@@ -21,7 +21,9 @@ What `BestOfKWriter` writes into `out_dir`:
     predict.json: the settings; a re-run into the folder must use the same ones
 
 A prompt line: {"index", "prompt", "file_name", "file_names", "candidates" (the candidate number of
-each file), "rewards" (every candidate's), "chosen", "rejected", "seed", "meta"}. An image line:
+each file), "rewards" (every candidate's), "chosen", "rejected", "seed", "meta"}, and with keep all or
+pairs "image_tokens" (each kept candidate's, in `candidates` order): such a folder is training data
+for `dualfw fit` (`read_predictions`; SelfRewardDataModule's `from_predictions`). An image line:
 {"index", "image", "description", "descriptions", "rewards", "chosen", "rejected", "seed"}.
 A re-run of the same command skips the inputs whose line is written (a batch is sampled again only
 when one of its inputs is missing, from its own seed) and so writes the same files.
@@ -32,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -42,10 +44,11 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from dualfw.core.errors import ConfigError
+from dualfw.core.errors import ConfigError, MissingFileError
+from dualfw.core.files import iter_jsonl, resolve_path
 from dualfw.core.interface import ImageSampling, TextSampling
 from dualfw.core.pixels import to_uint8
-from dualfw.core.selfreward import derive_seed, rollout_i2t, rollout_t2i
+from dualfw.core.selfreward import Group, derive_seed, rollout_i2t, rollout_t2i, select_pairs
 
 Keep = Literal["best", "all", "pairs"]
 KEEPS = ("best", "all", "pairs")
@@ -156,7 +159,9 @@ class BestOfKWriter(BasePredictionWriter):
         out_dir: the output folder; None: `<run folder>/predictions`.
         best_of: K, candidates sampled per input (1: plain sampling).
         keep: "best" (the chosen sample), "all" (every candidate, with its reward: an SFT or
-            reward data set) or "pairs" (the chosen and the rejected: a preference data set).
+            reward data set) or "pairs" (the chosen and the rejected: a preference data set). With
+            all or pairs the lines also hold the kept candidates' image tokens, so `dualfw fit`
+            trains on the folder (SelfRewardDataModule's `from_predictions`).
         layout: "auto" (GenEval's official layout when every prompt is GenEval metadata, else
             plain), "geneval" or "plain".
     """
@@ -208,6 +213,7 @@ class BestOfKWriter(BasePredictionWriter):
             "inputs_per_step": dm.inputs_per_step, "sampling": asdict(dm.sampling),
             "text_sampling": asdict(dm.text_sampling), "instruction": dm.instruction,
             "inputs": digest.hexdigest()[:16],
+            **({"image_tokens": True} if self.keep != "best" else {}),  # lines of keep all / pairs carry them
         }
 
     def _check_settings(self, settings: dict) -> None:
@@ -289,6 +295,8 @@ class BestOfKWriter(BasePredictionWriter):
             line.update(rewards=rewards[row].tolist(), chosen=chosen[row], rejected=rejected[row], seed=batch["seed"])
             if direction == "t2i":
                 line["meta"] = {k: v for k, v in trainer.datamodule.records[index].items() if k != "prompt"}
+                if self.keep != "best":  # the exact samples, for training on the folder
+                    line["image_tokens"] = prediction["tokens"][row, kept[row]].tolist()
             lines.append(line)
             done.add(index)
         with open(self.lines_path(direction), "a", encoding="utf-8") as fp:
@@ -336,3 +344,114 @@ class BestOfKWriter(BasePredictionWriter):
                 self._sort_lines(direction)
                 rank_zero_info(f"BestOfKWriter: {self.written[direction]} {what} written, {n} of {n} in "
                                f"{self.lines_path(direction)}")
+
+
+# ---- reading a folder back as training data ---------------------------------------------------------
+PAIRED_KEEPS = ("all", "pairs")
+
+
+class _DamagedLine(ConfigError):
+    """A lines-file line that is not a JSON object."""
+
+
+def _predictions_files(folder: str | Path, key: str = "data.init_args.from_predictions") -> tuple[Path, dict, Path]:
+    """(folder, its predict.json settings, its prompt lines file) of a `dualfw predict` folder that
+    holds pairs (keep all or pairs, best_of >= 2); anything else is refused naming `key` or the file."""
+    path = resolve_path(folder)
+    if not path.is_dir():
+        raise MissingFileError(f"{key}: folder '{path}' does not exist")
+    settings_file = path / "predict.json"
+    if not settings_file.is_file():
+        raise MissingFileError(f"{key}: '{path}' has no predict.json: not a folder written by dualfw predict")
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"'{settings_file}' is not valid JSON ({err})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"'{settings_file}' is not a JSON object")
+    if settings.get("keep") not in PAIRED_KEEPS:
+        raise ConfigError(
+            f"'{settings_file}': keep {settings.get('keep')!r} keeps one image per prompt, no pairs to train on: "
+            "write the folder with BestOfKWriter keep pairs or all"
+        )
+    if not isinstance(settings.get("best_of"), int) or settings["best_of"] < 2:
+        raise ConfigError(f"'{settings_file}': best_of {settings.get('best_of')!r} gives no pairs: write it with best_of >= 2")
+    lines = path / ("predictions.jsonl" if settings.get("layout") == "geneval" else "metadata.jsonl")
+    if not lines.is_file():
+        if (path / LINES["i2t"]).is_file():
+            raise ConfigError(f"{key}: '{path}' holds descriptions of images only; training on a folder is text to image")
+        raise MissingFileError(f"{key}: '{lines}' does not exist: the predict run has written no prompt yet")
+    return path, settings, lines
+
+
+@dataclass
+class PredictionSet:
+    """A `dualfw predict` folder read as preference data: per prompt, its kept candidates' image
+    tokens and recorded rewards, in prompt order; `group` pairs them as a sampled round would be."""
+
+    folder: Path
+    records: list[dict]  # per prompt: {"prompt", **prompt-file fields}
+    tokens: np.ndarray  # (prompts, kept, N) int64
+    rewards: np.ndarray  # (prompts, kept) float32: each kept candidate's recorded reward
+    candidates: np.ndarray  # (prompts, kept): the candidate number of each kept sample
+    guidance_scale: float  # the CFG scale the candidates were sampled with
+    digest: str  # of the lines file: a resumed run checks it trains on the same folder
+
+    def group(self, indices: Sequence[int], pairing: str, margin: float, top_k: int, device: Any) -> Group:
+        """The t2i Group of prompts `indices`: their kept candidates and rewards, pairs chosen by
+        `select_pairs(rewards, pairing, margin, top_k)`; nothing sampled or scored."""
+        rewards = torch.as_tensor(self.rewards[list(indices)], device=device)
+        group = Group(
+            "t2i", rewards, select_pairs(rewards, pairing, margin, top_k),
+            prompts=[self.records[i]["prompt"] for i in indices],
+            image_tokens=torch.as_tensor(self.tokens[list(indices)], device=device),
+            guidance_scale=self.guidance_scale,
+        )
+        group.meta = [{k: v for k, v in self.records[i].items() if k != "prompt"} for i in indices]
+        return group
+
+
+def read_predictions(folder: str | Path, key: str = "data.init_args.from_predictions") -> PredictionSet:
+    """Read a `dualfw predict` folder written with keep all or pairs (`_predictions_files`);
+    a malformed or torn line, or one without what training needs, is refused naming file and line."""
+    path, settings, lines_file = _predictions_files(folder, key)
+    by_index: dict[int, tuple[dict, list, list, list]] = {}
+    shape = None
+    try:
+        for lineno, line in iter_jsonl(lines_file, _DamagedLine):
+            where = f"{lines_file}:{lineno}"
+            if "image_tokens" not in line:
+                raise ConfigError(f"{where}: no image_tokens (a dualfw predict that did not keep them): write the folder "
+                                  "again, keep pairs or all")
+            missing = [k for k in ("index", "prompt", "rewards", "candidates") if k not in line]
+            if missing:
+                raise ConfigError(f"{where}: no {missing[0]!r}: not a line dualfw predict wrote")
+            tokens, candidates, rewards = line["image_tokens"], line["candidates"], line["rewards"]
+            try:
+                kept_rewards = [float(rewards[c]) for c in candidates]
+                array = np.asarray(tokens, dtype=np.int64)
+            except (TypeError, ValueError, IndexError) as err:
+                raise ConfigError(f"{where}: rewards, candidates or image_tokens malformed ({err})") from None
+            if array.ndim != 2 or len(array) != len(candidates):
+                raise ConfigError(f"{where}: image_tokens must hold one token list per candidate ({len(candidates)})")
+            if shape is not None and array.shape != shape:
+                raise ConfigError(f"{where}: {array.shape[0]} candidates of {array.shape[1]} tokens, earlier lines "
+                                  f"{shape[0]} of {shape[1]}")
+            shape = array.shape
+            meta = line.get("meta") if isinstance(line.get("meta"), dict) else {}
+            by_index[int(line["index"])] = ({"prompt": line["prompt"], **meta}, array, kept_rewards, candidates)
+    except _DamagedLine as err:  # e.g. a predict run cut short mid-line: re-running it finishes the file
+        raise ConfigError(f"{err}: re-run its dualfw predict command to finish '{path}'") from None
+    if not by_index:
+        raise ConfigError(f"{key}: '{lines_file}' holds no prompts")
+    order = sorted(by_index)
+    sampling = settings.get("sampling") if isinstance(settings.get("sampling"), dict) else {}
+    return PredictionSet(
+        folder=path,
+        records=[by_index[i][0] for i in order],
+        tokens=np.stack([by_index[i][1] for i in order]),
+        rewards=np.asarray([by_index[i][2] for i in order], dtype=np.float32),
+        candidates=np.asarray([by_index[i][3] for i in order], dtype=np.int64),
+        guidance_scale=float(sampling.get("guidance_scale", 1.0)),
+        digest=hashlib.sha256(lines_file.read_bytes()).hexdigest()[:16],
+    )
