@@ -112,12 +112,14 @@ def _check_folder(path, key: str) -> None:
 
 def check_config(config: Namespace, subcommand: str | None) -> None:
     """The checks that need no model, run before any model loads: sampling options, margin,
-    learning rate, the prompt and image files, the model folder, --ckpt_path, the run folder,
-    and an evaluation callback for `dualfw test`. Each failure is a ConfigError naming its key."""
+    learning rate, the prompt and image files or predictions folder, the model folder, --ckpt_path,
+    the run folder, and an evaluation callback for `dualfw test`. Each failure is a ConfigError
+    naming its key."""
     from dualfw.adapters.janus import check_janus_folder
     from dualfw.core.interface import ImageSampling, TextSampling
     from dualfw.training.datamodule import SCHEDULES, check_margin, directions_needed
     from dualfw.training.images import list_images
+    from dualfw.training.predict import read_predictions
     from dualfw.training.prompts import read_prompts
 
     data_node, model_node, trainer = config.get("data"), config.get("model"), config.get("trainer")
@@ -133,7 +135,9 @@ def check_config(config: Namespace, subcommand: str | None) -> None:
             check_margin(data["margin"], "data.init_args.margin")
         schedule, every = data.get("schedule", "t2i"), max(1, int(data.get("alternate_every") or 1))
         needs = directions_needed(schedule, every) if schedule in SCHEDULES else set()
-        if "t2i" in needs and data.get("prompts"):
+        if data.get("from_predictions"):
+            read_predictions(data["from_predictions"])
+        elif "t2i" in needs and data.get("prompts"):
             read_prompts(data["prompts"], key="data.init_args.prompts")
         if "i2t" in needs and data.get("images"):
             list_images(data["images"], key="data.init_args.images")

@@ -6,6 +6,9 @@ and every rollout is appended to `<run folder>/rollouts.jsonl` before the batch 
 Lightning fetches one batch ahead, so a batch is sampled by the policy as it was one optimizer
 step earlier. A checkpoint records the first round not trained; a resumed run trains the rounds
 its rollouts file already holds as read back, so it continues as if never stopped.
+
+With `from_predictions` nothing is sampled: each round reads its prompts' candidates and rewards
+from a `dualfw predict` folder (keep all or pairs) and pairs them by the same rules.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dualfw.training.images import list_images, load_image
+from dualfw.training.predict import PredictionSet, read_predictions
 from dualfw.training.prompts import read_prompts
 from dualfw.training.rollouts import RolloutWriter, read_rollouts
 from dualfw.core.errors import ConfigError, StalledRunError
@@ -97,9 +101,13 @@ class SelfRewardStream:
 
     def state_dict(self) -> dict:
         epoch, position = self._untrained
-        return {"epoch": epoch, "position": position}
+        state = {"epoch": epoch, "position": position}
+        if self.dm.predictions is not None:
+            state["predictions"] = self.dm.predictions.digest
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.dm.check_resumed_data(state.get("predictions"))
         self.epoch, self.position = state["epoch"], state["position"]
         self._untrained = (self.epoch, self.position)
 
@@ -125,8 +133,9 @@ class SelfRewardStream:
         dm, trainer = self.dm, self.dm.trainer
         policy = trainer.lightning_module
         rank, world = trainer.global_rank, trainer.world_size
-        if self._on_disk is None:
-            self._on_disk = dm.read_back(self.epoch * self.rounds_per_epoch() + self.position)
+        if self._on_disk is None:  # rounds read from predictions are read again, never recorded
+            first = self.epoch * self.rounds_per_epoch() + self.position
+            self._on_disk = dm.read_back(first) if dm.predictions is None else {}
         while self.position < self.rounds_per_epoch():
             index = self.position
             self.position += 1
@@ -137,6 +146,10 @@ class SelfRewardStream:
             groups = None
             if step in self._on_disk:
                 groups = dm.groups_from_records(self._on_disk.pop(step), policy, self._chunk, self.epoch, index, step)
+            if groups is None and dm.predictions is not None:
+                chunk = self._chunk(len(dm.records), self.epoch, index)
+                groups = {"t2i": dm.predictions.group(chunk, dm.pairing, dm.margin, dm.top_k, policy.device)}
+                dm.spent.append(rollout_spending(groups))
             if groups is None:
                 groups = {}
                 for direction in directions_at(dm.schedule, step, dm.alternate_every):
@@ -218,6 +231,10 @@ class SelfRewardDataModule(L.LightningDataModule):
     Args:
         prompts: prompt file for text-to-image: JSON lines with a "prompt" field (GenEval metadata
             works as is) or plain text, one prompt a line; "dualfw:..." names a packaged file.
+        from_predictions: instead of `prompts` and sampling: a `dualfw predict` folder written with
+            keep all or pairs (a self-filtered preference set, conf/t2i_offline.yaml). Its prompts
+            are the inputs and their recorded candidates (image tokens) and rewards the samples,
+            paired by `pairing`, `top_k` and `margin`; `k` and `sampling` are the folder's. t2i only.
         images: images for image-to-text: a folder, or a JSON-lines file with "image" / "path"
             fields. No captions needed.
         schedule: "t2i", "i2t", "joint" (both every step) or "alternate" (switch every
@@ -246,6 +263,7 @@ class SelfRewardDataModule(L.LightningDataModule):
     def __init__(
         self,
         prompts: str | None = None,
+        from_predictions: str | None = None,
         images: str | None = None,
         schedule: Schedule = "t2i",
         alternate_every: int = 1,
@@ -278,7 +296,13 @@ class SelfRewardDataModule(L.LightningDataModule):
         if inputs_per_step < 1 or alternate_every < 1:
             raise ConfigError("data.inputs_per_step and data.alternate_every must be at least 1")
         needs = directions_needed(schedule, alternate_every)
-        if "t2i" in needs and prompts is None:
+        if from_predictions is not None:
+            if schedule != "t2i":
+                raise ConfigError(f"data.from_predictions holds text-to-image candidates: set data.schedule t2i, not {schedule!r}")
+            if prompts is not None:
+                raise ConfigError("data.prompts and data.from_predictions both give prompts: set data.prompts null "
+                                  "(the folder holds its own)")
+        elif "t2i" in needs and prompts is None:
             raise ConfigError(f"data.prompts is required for schedule {schedule!r}")
         if "i2t" in needs and images is None:
             raise ConfigError(f"data.images is required for schedule {schedule!r}")
@@ -290,7 +314,11 @@ class SelfRewardDataModule(L.LightningDataModule):
         self.time_split = time_split
         self.spent: list[dict[str, float]] = []  # per sampled round (rollout_spending), drained by TimeSplit
         # read now: a bad file fails before any model loads
-        self.records: list[dict] = read_prompts(prompts) if "t2i" in needs else []
+        self.predictions: PredictionSet | None = read_predictions(from_predictions) if from_predictions is not None else None
+        if self.predictions is not None:
+            self.records: list[dict] = self.predictions.records
+        else:
+            self.records = read_prompts(prompts) if "t2i" in needs else []
         self.image_files: list[Path] = list_images(images) if "i2t" in needs else []
         self.skipped_images: set[Path] = set()
         self._writer: RolloutWriter | None = None
@@ -301,6 +329,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         policy = self.trainer.lightning_module
         if stage == "fit":
             self.check_prompt_lengths(getattr(policy, "model", None))
+            self.check_predictions(getattr(policy, "model", None))
             if self.time_split:
                 from dualfw.training.callbacks import TimeSplit  # callbacks import this module
 
@@ -327,6 +356,30 @@ class SelfRewardDataModule(L.LightningDataModule):
                     f"data.prompts: prompt {i + 1} ({prompts[i][:40]!r}...) is {len(ids)} tokens; the model's context "
                     f"({limit} positions, {getattr(adapter, 'num_image_tokens', 0)} for the image) holds at most {room}"
                 )
+
+    def check_predictions(self, adapter) -> None:
+        """Refuse `from_predictions` candidates whose image length is not the model's (another model drew them)."""
+        n = getattr(adapter, "num_image_tokens", None)
+        if self.predictions is not None and n is not None and self.predictions.tokens.shape[-1] != n:
+            raise ConfigError(
+                f"data.from_predictions: '{self.predictions.folder}' holds images of {self.predictions.tokens.shape[-1]} "
+                f"tokens, the model draws {n}: the folder was written by another model"
+            )
+
+    def check_resumed_data(self, trained_on: str | None) -> None:
+        """A checkpoint resumes only on the data it trained on: sampled on the fly (None), or the
+        `from_predictions` folder whose lines file had digest `trained_on`."""
+        ours = self.predictions.digest if self.predictions is not None else None
+        if trained_on == ours:
+            return
+        if ours is None:
+            raise ConfigError("the checkpoint trained on a dualfw predict folder: resume it with the same data.from_predictions")
+        if trained_on is None:
+            raise ConfigError("the checkpoint's run sampled its data: resume it without data.from_predictions, or start a new run")
+        raise ConfigError(
+            f"data.from_predictions '{self.predictions.folder}' has changed since the checkpoint trained on it: resume "
+            "with the folder as it was, or start a new run"
+        )
 
     def train_dataloader(self) -> SelfRewardStream:
         if self._stream is None:
