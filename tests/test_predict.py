@@ -1,7 +1,8 @@
 """`dualfw predict` (best of K by self-reward, dualfw.training.predict) and `dualfw test` with
-GenEvalCallback.best_of, end to end on the tiny Janus."""
+GenEvalCallback.best_of and PopeCallback.best_of, end to end on the tiny Janus."""
 
 import hashlib
+import re
 import json
 import sys
 from pathlib import Path
@@ -188,3 +189,58 @@ def test_dualfw_test_reports_best_of_k_beside_plain_sampling(tmp_path, tiny_fold
     strict = summarize(evaluate_folder(run / b["folder"], ShapesDetector(), classes=SHAPE_CLASSES, strict=True))
     assert again.num_images == 6 and again.overall == b["overall"]["score"] and strict.overall == b["strict"]["overall"]
     assert "Best of 3 by the model's own reward" in (run / "report.md").read_text()
+
+
+def test_dualfw_test_reports_pope_best_of_k_beside_the_plain_answers(tmp_path, tiny_folder, tiny_adapter):
+    from dualfw.core.files import read_jsonl
+    from dualfw.eval.pope import read_questions
+    from dualfw.eval.runners import answer_pope, answer_pope_best_of
+    from dualfw.shapes.pope_set import build_shapes_pope_set
+    from dualfw.training.images import load_image
+    from dualfw.training.scorer import DualScorer
+
+    pope = tmp_path / "pope"
+    build_shapes_pope_set(pope, num_images=3, seed=3)
+    config = yaml.safe_load((ROOT / "conf" / "eval" / "shapes.yaml").read_text())
+    callbacks = config["trainer"]["callbacks+"]
+    callbacks[1]["init_args"].update(max_questions=8, max_new_tokens=3, best_of=3)
+    callbacks[1]["init_args"]["source"]["init_args"].update(folder=str(pope), num_images=3, seed=3)
+    del callbacks[0]
+    overlay = tmp_path / "eval.yaml"
+    overlay.write_text(yaml.safe_dump(config, sort_keys=False))
+    cli = cli_main([
+        "test", "--config", CONF, "--config", str(overlay), f"--model.init_args.model.init_args.path={tiny_folder}",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.name=eval", "--trainer.logger.version=run",
+    ])
+    run = tmp_path / "eval" / "run"
+    b = json.loads((run / "report.json").read_text())["pope"]["best_of"]
+    assert b["k"] == 3 and b["folder"] == "pope/test_best_of_3" and b["scorer"] == "DualScorer"
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert metrics["pope/best_of_3/random/accuracy"] == b["splits"]["random"]["accuracy"] and "pope/random/accuracy" in metrics
+    plain = [line["answer"] for line in read_jsonl(run / "pope" / "test" / "random_answers.jsonl")]
+    chosen = [line["answer"] for line in read_jsonl(run / b["folder"] / "random_answers.jsonl")]
+    candidates = read_jsonl(run / b["folder"] / "random_candidates.jsonl")
+    assert len(candidates) == len(plain) == 8
+    for line, answer, greedy in zip(candidates, chosen, plain):  # the reported answer: the argmax of the rewards
+        assert len(line["answers"]) == len(line["rewards"]) == 3 and line["answers"][0] == greedy
+        assert line["chosen"] == int(np.argmax(line["rewards"])) and answer == line["answers"][line["chosen"]]
+    assert "Best of 3 answers by the model's own reward" in (run / "report.md").read_text()
+
+    # best of 1 is the plain (greedy) answer
+    questions = read_questions(pope / "shapes_pope_random.jsonl")[:8]
+    scorer = DualScorer()
+    scorer.attach(tiny_adapter)
+    image = lambda name: load_image(pope / "images" / name, tiny_adapter.image_size)  # noqa: E731
+    one = answer_pope_best_of(tiny_adapter, scorer, questions, image, best_of=1, max_new_tokens=3)
+    assert one.answers == answer_pope(tiny_adapter, questions, image, max_new_tokens=3) and one.rewards.shape == (8, 1)
+    from dualfw.core.errors import ConfigError
+    from dualfw.eval.callbacks import PopeCallback
+    from dualfw.shapes.pope_set import ShapesPopeSet
+
+    for bad, message in ((dict(best_of=0), "PopeCallback.best_of must be at least 1"),
+                         (dict(best_of_temperature=0.0), "PopeCallback.best_of_temperature must be > 0"),
+                         (dict(reward_text="{question}"), "PopeCallback.reward_text must contain '{answer}'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            PopeCallback(source=ShapesPopeSet(folder=str(pope)), **bad)

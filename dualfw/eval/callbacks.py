@@ -46,8 +46,9 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from dualfw.core.errors import ConfigError, MissingFileError
-from dualfw.core.files import resolve_path
+from dualfw.core.files import resolve_path, write_jsonl
 from dualfw.core.interface import ImageSampling
+from dualfw.core.selfreward import derive_seed
 from dualfw.training.callbacks import log_image_grid
 from dualfw.training.datamodule import eval_mode, run_folder
 from dualfw.training.images import list_images, load_image
@@ -69,14 +70,17 @@ from dualfw.eval.pope import PopeFormatError, PopeQuestion, read_questions, writ
 from dualfw.eval.runners import (
     PARSERS,
     GenEvalScores,
+    PopeScores,
     add_fid_reference,
     answer_pope,
+    answer_pope_best_of,
     fid_of,
     geneval_scores,
     mean_clip_score,
     run_geneval,
     sample_batches,
     score_pope,
+    within_group_auc,
 )
 
 # Any callable with the protocols' call signature is accepted too (jsonargparse checks protocols by
@@ -210,6 +214,20 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         if len(p["splits"]) > 1:
             ci = _fmt_ci(p["average"]["accuracy_ci95"]) if p["average"].get("accuracy_ci95") else ""
             lines.append(f"| **average** | {_fmt(p['average']['accuracy'])} | {ci} | | | {_fmt(p['average']['f1'])} | | | |")
+        if p.get("best_of"):
+            b = p["best_of"]
+            per_split = "; ".join(
+                f"{split} {_fmt(m['accuracy'])} {_fmt_ci(m['accuracy_ci95'])} (plain {_fmt(p['splits'][split]['accuracy'])}, "
+                f"the judge's own best {_fmt(m['oracle_accuracy'])}, reward AUC {m['reward_auc']:.2f}, "
+                f"{_fmt(m['changed'])}% changed)"
+                for split, m in b["splits"].items()
+            )
+            lines += [
+                "",
+                f"Best of {b['k']} answers by the model's own reward ({b['scorer']}: the image's likelihood given "
+                f"`{b['reward_text']}`; the plain answer and {b['k'] - 1} sampled at temperature {b['temperature']}), "
+                f"accuracy: {per_split}; answers in `{b['folder']}`.",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -569,7 +587,8 @@ class PopeSource(Protocol):
 
 
 class PopeCallback(_EvalCallback):
-    """Answer POPE yes/no questions with the model (greedy) and score them with POPE's rules.
+    """Answer POPE yes/no questions with the model (greedy) and score them with POPE's rules;
+    optionally also as the best of K answers by the model's own understanding-side reward.
 
     Args:
         questions: question file per split, e.g. {random: .../coco_pope_random.json, ...}
@@ -586,6 +605,18 @@ class PopeCallback(_EvalCallback):
         fit_max_questions: the same limit for evaluations during fit (applied after max_questions).
         every_n_steps: evaluate during fit every N optimizer steps; 0: only at test time.
         name: prefix of the logged metrics and of the folders written.
+        best_of: at test time also judge, beside the plain answers, each question's best of this
+            many answers (the plain one and best_of - 1 sampled at `best_of_temperature`) by the
+            LightningModule's own `scorer`: R_U, the likelihood of the image given `reward_text`
+            (`dualfw.eval.runners.answer_pope_best_of`). `<name>/best_of_<K>/...` metrics, the
+            `<label>_best_of_<K>` folder (answers and every candidate's reward) and a report
+            entry; 1: plain answers only.
+        best_of_temperature: sampling temperature of the extra candidates.
+        seed: seeds the sampled candidates.
+        reward_text: the text R_U conditions the image on, from `{question}` and `{answer}`.
+            The reward sees an answer only through this text, and a model's drawing side may not
+            read a "no"; the report's within-question `reward_auc` says whether it ranks right
+            answers above wrong ones (0.5: it does not).
     """
 
     def __init__(
@@ -601,9 +632,20 @@ class PopeCallback(_EvalCallback):
         fit_max_questions: int | None = 60,
         every_n_steps: int = 0,
         name: str = "pope",
+        best_of: int = 1,
+        best_of_temperature: float = 1.0,
+        seed: int = 0,
+        reward_text: str = "{question} {answer}",
     ) -> None:
         super().__init__(every_n_steps)
         where = "PopeCallback"
+        if best_of < 1:
+            raise ConfigError(f"{where}.best_of must be at least 1, got {best_of}")
+        if not best_of_temperature > 0:
+            raise ConfigError(f"{where}.best_of_temperature must be > 0 (0 samples the greedy answer again), got {best_of_temperature}")
+        if "{answer}" not in reward_text:
+            raise ConfigError(f"{where}.reward_text must contain '{{answer}}', got {reward_text!r}")
+        self.best_of, self.best_of_temperature, self.seed, self.reward_text = best_of, best_of_temperature, seed, reward_text
         if (questions is None) == (source is None):
             raise ConfigError(f"{where}: set either `questions` (with `image_folder`) or `source`, not both or neither")
         if parser not in PARSERS:
@@ -671,9 +713,8 @@ class PopeCallback(_EvalCallback):
             out[split] = qs[:n]
         return out
 
-    def answer(self, model: Any, questions: Sequence[PopeQuestion]) -> list[str]:
-        """Greedy answers, in question order (`dualfw.eval.runners.answer_pope`), the images read
-        from `image_folder` at the model's `image_size`."""
+    def _images(self, model: Any) -> Callable[[str], torch.Tensor]:
+        """An image's pixels by name, read from `image_folder` at the model's `image_size` once."""
         size = int(model.image_size)
         cache: dict[str, torch.Tensor] = {}
 
@@ -685,7 +726,23 @@ class PopeCallback(_EvalCallback):
                 cache[name] = pixels
             return cache[name]
 
-        return answer_pope(model, questions, image, self.instruction, self.max_new_tokens, self.batch_size)
+        return image
+
+    def answer(self, model: Any, questions: Sequence[PopeQuestion]) -> list[str]:
+        """Greedy answers, in question order (`dualfw.eval.runners.answer_pope`), the images read
+        from `image_folder` at the model's `image_size`."""
+        return answer_pope(model, questions, self._images(model), self.instruction, self.max_new_tokens, self.batch_size)
+
+    def _metrics(self, scores: PopeScores, prefix: str) -> dict[str, float]:
+        """The logged scalars of one set of answers: per split and, with several, their average."""
+        metrics: dict[str, float] = {}
+        for split, s in scores.splits.items():
+            for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+                metrics[f"{prefix}{split}/{key}"] = float(getattr(s.metrics, key))
+        if len(scores.splits) > 1:
+            metrics[f"{prefix}average/accuracy"] = scores.mean_accuracy
+            metrics[f"{prefix}average/f1"] = scores.mean_f1
+        return metrics
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, fit: bool) -> dict[str, float]:
         self.prepare(trainer)
@@ -697,11 +754,9 @@ class PopeCallback(_EvalCallback):
             write_questions(qs, folder / f"{split}_questions.jsonl")
             write_answers(qs, answers, folder / f"{split}_answers.jsonl")
         scores = score_pope(questions, self.answers, self.parser)
-        metrics: dict[str, float] = {}
+        metrics = self._metrics(scores, f"{self.name}/")
         splits: dict[str, dict[str, Any]] = {}
         for split, s in scores.splits.items():
-            for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-                metrics[f"{self.name}/{split}/{key}"] = float(getattr(s.metrics, key))
             splits[split] = {
                 **s.metrics.as_dict(),
                 "accuracy_ci95": list(s.accuracy_ci95),
@@ -710,25 +765,66 @@ class PopeCallback(_EvalCallback):
                 "questions_in_file": len(self.questions[split]),
                 "answer_file": str(Path(self.name) / label / f"{split}_answers.jsonl"),
             }
-        if len(splits) > 1:
-            metrics[f"{self.name}/average/accuracy"] = scores.mean_accuracy
-            metrics[f"{self.name}/average/f1"] = scores.mean_f1
         self.last = metrics
         if not fit:
             average = {k: metrics.get(f"{self.name}/average/{k}") for k in ("accuracy", "f1")}
             if len(splits) > 1 and scores.mean_accuracy_ci95 is not None:
                 average["accuracy_ci95"] = list(scores.mean_accuracy_ci95)
-            add_to_report(
-                trainer,
-                pl_module,
-                self.name,
-                {
-                    "parser": self.parser,
-                    "instruction": self.instruction,
-                    "image_folder": str(self.image_folder),
-                    "folder": str(Path(self.name) / label),
-                    "splits": splits,
-                    "average": average,
-                },
-            )
+            section = {
+                "parser": self.parser,
+                "instruction": self.instruction,
+                "image_folder": str(self.image_folder),
+                "folder": str(Path(self.name) / label),
+                "splits": splits,
+                "average": average,
+            }
+            if self.best_of > 1:
+                best_metrics, section["best_of"] = self._evaluate_best_of(pl_module, questions, label, folder.parent)
+                metrics.update(best_metrics)
+            add_to_report(trainer, pl_module, self.name, section)
         return metrics
+
+    def _evaluate_best_of(
+        self, pl_module: L.LightningModule, questions: Mapping[str, Sequence[PopeQuestion]], label: str, root: Path
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """The best-of-K evaluation (same questions; the plain answers are candidate 0): its metrics
+        and its report entry (scores, the judge's own best of K, the reward's within-question AUC),
+        with the chosen answers and every candidate's reward in `<label>_best_of_<K>/`."""
+        key = f"best_of_{self.best_of}"
+        scorer = getattr(pl_module, "scorer", None)
+        if scorer is None:
+            raise ConfigError(f"PopeCallback.best_of {self.best_of} needs a LightningModule with a `scorer` (dualfw.Policy)")
+        folder = root / f"{label}_{key}"
+        answers, entry_splits = {}, {}
+        for s, (split, qs) in enumerate(questions.items()):
+            run = answer_pope_best_of(
+                pl_module.model, scorer, qs, self._images(pl_module.model), self.best_of, self.answers[split],
+                self.instruction, self.max_new_tokens, self.batch_size, self.best_of_temperature,
+                derive_seed(self.seed, s), self.reward_text,
+            )
+            answers[split] = run.answers
+            write_answers(qs, run.answers, folder / f"{split}_answers.jsonl")
+            write_jsonl(({"question_id": q.question_id, "answers": c, "rewards": r.tolist(), "chosen": i}
+                         for q, c, r, i in zip(qs, run.candidates, run.rewards, run.chosen)),
+                        folder / f"{split}_candidates.jsonl")
+            correct = run.correct(qs, self.parser)
+            entry_splits[split] = {
+                "oracle_accuracy": float(correct.any(1).mean()) if len(qs) else float("nan"),
+                "reward_auc": within_group_auc(run.rewards, correct),
+                "changed": float(np.mean([i != 0 for i in run.chosen])) if len(qs) else float("nan"),
+            }
+        scores = score_pope(questions, answers, self.parser)
+        metrics = self._metrics(scores, f"{self.name}/{key}/")
+        for split, s in scores.splits.items():
+            metrics[f"{self.name}/{key}/{split}/reward_auc"] = entry_splits[split]["reward_auc"]
+            entry_splits[split] = {**s.metrics.as_dict(), "accuracy_ci95": list(s.accuracy_ci95), **entry_splits[split]}
+        entry = {
+            "k": self.best_of,
+            "scorer": type(scorer).__name__,
+            "temperature": self.best_of_temperature,
+            "reward_text": self.reward_text,
+            "folder": str(Path(self.name) / folder.name),
+            "splits": entry_splits,
+            "average": {k: metrics.get(f"{self.name}/{key}/average/{k}") for k in ("accuracy", "f1")},
+        }
+        return metrics, entry

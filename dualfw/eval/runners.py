@@ -4,8 +4,9 @@
   per image and judges it leniently (the official rule) and strictly (`judge_images`), optionally
   keeping the best of K samples by a reward; `geneval_scores` summarises one judge's verdicts with
   bootstrap intervals. `mean_clip_score` and `fid_of` add CLIPScore and FID of the same images.
-- POPE-style: `answer_pope` asks the model (greedy), `score_pope` parses the answers and gives the
-  metrics per split with intervals that resample images.
+- POPE-style: `answer_pope` asks the model (greedy), `answer_pope_best_of` keeps the best of K
+  answers by the model's own R_U, `score_pope` parses the answers and gives the metrics per split
+  with intervals that resample images.
 
 The Lightning callbacks (`dualfw.eval.callbacks`) and the Shapes study's evaluator
 (`dualfw.shapes.evaluate`) are these functions with their own prompts, seeds, detector and
@@ -38,6 +39,7 @@ from dualfw.core.pixels import to_pixels, to_uint8
 from dualfw.eval.pope import PopeMetrics, PopeQuestion, parse_answer_official, parse_answer_strict, pope_metrics
 from dualfw.eval.stats import bootstrap_interval
 from dualfw.training.images import load_image
+from dualfw.training.predict import chunks
 
 PARSERS: dict[str, Callable[[str], str]] = {"official": parse_answer_official, "strict": parse_answer_strict}
 JUDGES = ("lenient", "strict")
@@ -326,6 +328,76 @@ def answer_pope(
             for i, texts in zip(chunk, model.sample_texts(pixels, 1, prompt, sampling)):
                 answers[i] = texts[0]
     return answers
+
+
+@dataclass
+class PopeBestOf:
+    """Best-of-K answers to POPE questions: per question its K candidates (the plain answer first,
+    then K-1 sampled), each one's reward and the chosen one, the reward's argmax (the plain answer
+    on a tie)."""
+
+    candidates: list[list[str]]
+    rewards: np.ndarray  # (questions, K)
+    chosen: list[int]
+
+    @property
+    def answers(self) -> list[str]:
+        """The chosen answer of each question."""
+        return [c[i] for c, i in zip(self.candidates, self.chosen)]
+
+    def correct(self, questions: Sequence[PopeQuestion], parser: str | Callable[[str], str] = "official") -> np.ndarray:
+        """(questions, K): which candidates parse to the question's label."""
+        parse = PARSERS[parser] if isinstance(parser, str) else parser
+        return np.array([[parse(a) == q.label for a in c] for q, c in zip(questions, self.candidates)], dtype=bool)
+
+
+@torch.no_grad()
+def answer_pope_best_of(
+    model: Any,
+    scorer: Any,
+    questions: Sequence[PopeQuestion],
+    image: Callable[[str], torch.Tensor],
+    best_of: int,
+    plain: Sequence[str] | None = None,
+    instruction: str = "{question}",
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    seed: int = 0,
+    reward_text: str = "{question} {answer}",
+) -> PopeBestOf:
+    """Best of `best_of` answers per question by the model's own understanding-side reward:
+    candidates are the plain answer (`plain`, else greedy as `answer_pope` gives it) and
+    best_of - 1 answers sampled at `temperature`; each is rewarded by `scorer.text_rewards`
+    (R_U = log p(image tokens | text), the text `reward_text` with the question and the answer).
+    Questions sharing a text are sampled together as `answer_pope` asks them, chunk c of text t
+    seeded from (seed, t, c); rewards are taken in that order, `batch_size` questions at a time (a
+    batch-contrasted reward compares each image with the other images asked the same question)."""
+    if best_of < 1:
+        raise ValueError(f"best_of must be >= 1, got {best_of}")
+    if plain is None:
+        plain = answer_pope(model, questions, image, instruction, max_new_tokens, batch_size)
+    candidates = [[a] for a in plain]
+    sampling = TextSampling(temperature=temperature, max_new_tokens=max_new_tokens)
+    by_text: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_text.setdefault(q.text, []).append(i)
+    order = [i for idx in by_text.values() for i in idx]
+    if best_of > 1:
+        for t, (text, idx) in enumerate(by_text.items()):
+            prompt = instruction.format(question=text)
+            for c, start in enumerate(range(0, len(idx), batch_size)):
+                chunk = idx[start : start + batch_size]
+                pixels = torch.stack([image(questions[i].image) for i in chunk]).to(model.device)
+                for i, texts in zip(chunk, model.sample_texts(pixels, best_of - 1, prompt, sampling, seed=derive_seed(seed, t, c))):
+                    candidates[i] += texts
+    rewards = np.zeros((len(questions), best_of), dtype=np.float32)
+    for part in chunks(len(order), batch_size):
+        rows = [order[j] for j in part]
+        pixels = torch.stack([image(questions[i].image) for i in rows]).to(model.device)
+        texts = [[reward_text.format(question=questions[i].text, answer=a) for a in candidates[i]] for i in rows]
+        rewards[rows] = scorer.text_rewards(model.encode_images(pixels), texts).float().cpu().numpy()
+    return PopeBestOf(candidates, rewards, [int(r.argmax()) for r in rewards])
 
 
 def image_counts(
