@@ -203,7 +203,7 @@ def test_dualfw_test_reports_pope_best_of_k_beside_the_plain_answers(tmp_path, t
     build_shapes_pope_set(pope, num_images=3, seed=3)
     config = yaml.safe_load((ROOT / "conf" / "eval" / "shapes.yaml").read_text())
     callbacks = config["trainer"]["callbacks+"]
-    callbacks[1]["init_args"].update(max_questions=8, max_new_tokens=3, best_of=3)
+    callbacks[1]["init_args"].update(max_questions=4, max_new_tokens=3, best_of=3)
     callbacks[1]["init_args"]["source"]["init_args"].update(folder=str(pope), num_images=3, seed=3)
     del callbacks[0]
     overlay = tmp_path / "eval.yaml"
@@ -222,7 +222,7 @@ def test_dualfw_test_reports_pope_best_of_k_beside_the_plain_answers(tmp_path, t
     plain = [line["answer"] for line in read_jsonl(run / "pope" / "test" / "random_answers.jsonl")]
     chosen = [line["answer"] for line in read_jsonl(run / b["folder"] / "random_answers.jsonl")]
     candidates = read_jsonl(run / b["folder"] / "random_candidates.jsonl")
-    assert len(candidates) == len(plain) == 8
+    assert len(candidates) == len(plain) == 4
     for line, answer, greedy in zip(candidates, chosen, plain):  # the reported answer: the argmax of the rewards
         assert len(line["answers"]) == len(line["rewards"]) == 3 and line["answers"][0] == greedy
         assert line["chosen"] == int(np.argmax(line["rewards"])) and answer == line["answers"][line["chosen"]]
