@@ -1,16 +1,17 @@
 """Image sampling and scoring throughput.
 
 CPU comparison (the default, float32):
-(a) Images/s of our sampler (`JanusAdapter.sample_images`) against transformers'
-    `model.generate(generation_mode="image")` at identical settings: the same prompt batch (mixed
-    lengths, so left padding), K samples per prompt (num_return_sequences), CFG 5, temperature 1,
-    no top-k / top-p. Both start from the prompt strings (tokenizing is timed for both). Runs
+(a) Images/s of our sampler (`sample_images`) against the family's own transformers `generate`
+    (`library_generate`: Janus' `generation_mode="image"`, Emu3's constrained recipe) at identical
+    settings: the same prompt batch (mixed lengths, so left padding), K samples per prompt
+    (num_return_sequences), CFG 5, temperature 1, no top-k / top-p. Both start from the prompt strings (tokenizing is timed for both). Runs
     alternate (ours, transformers, ours, ...) so that load from other processes hits both alike;
     the figures are medians over the repeats, with the best run beside them. Before timing, a
     greedy parity check: our tokens must equal transformers' (do_sample=False, the same batch
     repeated K times, since greedy generate refuses num_return_sequences > 1).
-    Models: the default tiny Janus (TinyJanusSpec(), 0.96 M parameters, 64 tokens at 32 px) and a
-    3.8 M-parameter one (hidden 256, 4 layers, 256 tokens at 64 px).
+    Models: the default tiny Janus (TinyJanusSpec(), 0.96 M parameters, 64 tokens at 32 px), a
+    3.8 M-parameter one (hidden 256, 4 layers, 256 tokens at 64 px), and Emu3 at the same two
+    sizes (the default tiny Emu3, 64 codes at 64 px; hidden 256, 4 layers, 256 codes at 128 px).
 (b) Scoring the K x B candidates of one rollout (DualScorer.image_rewards, decode included): the
     paper's R_G and the recipe's batch-contrasted R_G (each image also read with the batch's other
     prompts), each at several scorer batch sizes (--score-batch-sizes, candidates per forward
@@ -56,10 +57,27 @@ PROMPTS = [
     "a purple square",
 ]
 
+# name: (family, its tiny builder's sizes)
 MODELS = {
-    "tiny": {},
-    "4m": dict(hidden_size=256, intermediate_size=512, num_layers=4, image_size=64, patch_size=4, vq_channel_multiplier=(1, 1, 2)),
+    "tiny": ("janus", {}),
+    "4m": ("janus", dict(hidden_size=256, intermediate_size=512, num_layers=4, image_size=64, patch_size=4, vq_channel_multiplier=(1, 1, 2))),
+    "emu3-tiny": ("emu3", {}),
+    "emu3-4m": ("emu3", dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4, image_size=128)),
 }
+
+
+def build(name: str):
+    """The CPU comparison's model `name` (random weights, float32)."""
+    family, sizes = MODELS[name]
+    if family == "emu3":
+        from dualfw.adapters.emu3 import Emu3Adapter
+        from dualfw.adapters.tiny_emu3 import TinyEmu3Spec
+
+        return Emu3Adapter(tiny=TinyEmu3Spec(**sizes)).eval()
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.adapters.tiny import TinyJanusSpec
+
+    return JanusAdapter(tiny=TinyJanusSpec(**sizes)).eval()
 
 # Janus-Pro's image side (384 px, 16 px patches: 576 tokens; VQ 16x downsampling, codebook 16384) and
 # text vocabulary; the vision tower and VQ tokenizer at reduced widths (sampling never runs them)
@@ -84,32 +102,15 @@ def timed(fn, device=None) -> tuple[float, float]:
     return clock(device) - wall, time.process_time() - cpu
 
 
-def hf_generate(adapter, prompts: list[str], k: int, guidance: float, greedy: bool):
-    """transformers' image generation from prompt strings, K images per prompt, prompt-major."""
-    from transformers import GenerationConfig
-
-    ids, mask = adapter.generation_inputs(prompts)
-    sampling = {} if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=k)
-    config = GenerationConfig(
-        bos_token_id=adapter.bos_id,
-        pad_token_id=adapter.pad_id,
-        generation_kwargs={"boi_token_id": adapter.boi_id},
-        guidance_scale=guidance,
-        **sampling,  # top_k=0: GenerationConfig's default is 50
-    )
-    if greedy:  # greedy generate refuses num_return_sequences > 1: repeat the inputs instead
-        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-    return adapter.model.generate(input_ids=ids, attention_mask=mask, generation_mode="image", generation_config=config)
-
-
 def greedy_parity(adapter, prompts: list[str], k: int) -> str:
     """Our greedy CFG tokens against transformers' generate: equal, or how many images differ."""
     import torch
 
     from dualfw.core.interface import ImageSampling
 
-    ours = adapter.sample_images(prompts, k, ImageSampling(guidance_scale=5.0, temperature=0)).flatten(0, 1)
-    theirs = hf_generate(adapter, prompts, k, 5.0, greedy=True).to(ours.device)
+    greedy = ImageSampling(guidance_scale=5.0, temperature=0)
+    ours = adapter.sample_images(prompts, k, greedy).flatten(0, 1)
+    theirs = adapter.library_generate(prompts, k, greedy).flatten(0, 1).to(ours.device)
     if torch.equal(ours, theirs):
         return "equal"
     differ = (ours != theirs).any(1)
@@ -126,7 +127,7 @@ def sampling_runs(adapter, prompts: list[str], k: int):
     sampling = ImageSampling(guidance_scale=5.0, temperature=1.0)
     return {
         "ours (sample_images)": lambda r: adapter.sample_images(prompts, k, sampling, seed=r),
-        "transformers generate": lambda r: (torch.manual_seed(r), hf_generate(adapter, prompts, k, 5.0, greedy=False)),
+        "transformers generate": lambda r: (torch.manual_seed(r), adapter.library_generate(prompts, k, sampling)),
     }
 
 
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=8, help="samples per prompt")
     parser.add_argument("--prompts", type=int, default=None,
                         help=f"prompts in the batch (1-{len(PROMPTS)}, mixed lengths; default 4, or the shape's recipe)")
-    parser.add_argument("--models", default="tiny,4m", help=f"CPU comparison: comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--models", default="tiny,4m,emu3-tiny,emu3-4m", help=f"CPU comparison: comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--shapes", default=None,
                         help=f"Janus-Pro shapes instead: comma-separated, from {sorted(SHAPES)} (default with --device cuda: 1b,7b)")
     parser.add_argument("--device", default="cpu", help="where the shapes run (cpu, cuda, cuda:1, ...)")
@@ -298,9 +299,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     import transformers
-
-    from dualfw.adapters.janus import JanusAdapter
-    from dualfw.adapters.tiny import TinyJanusSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -319,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = PROMPTS[: args.prompts or 4]
     sizes = [int(s) for s in args.score_batch_sizes.split(",")]
     for name in args.models.split(","):
-        adapter = JanusAdapter(tiny=TinyJanusSpec(**MODELS[name])).eval()
+        if name not in MODELS:
+            parser.error(f"--models: unknown model {name!r} (choose from {sorted(MODELS)})")
+        adapter = build(name)
         bench_sampling(name, adapter, prompts, args.k, args.repeats)
         if not args.skip_scoring:
             bench_scoring(name, adapter, prompts, args.k, args.repeats, sizes)

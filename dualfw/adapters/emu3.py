@@ -196,6 +196,37 @@ class Emu3Adapter(LMMAdapter):
         eol = rows.new_full((rows.shape[0], self.grid, 1), self.eol_id)
         return torch.cat([rows, eol], dim=-1).flatten(1)
 
+    def library_generate(self, prompts: list[str], k: int, sampling: ImageSampling = ImageSampling()) -> torch.LongTensor:
+        """transformers' `generate` with Emu3's recipe at the same settings: visual tokens only, an
+        end-of-line token closing each row (`prefix_allowed_tokens_fn`), CFG against the negative
+        prompt expanded to every row."""
+        from transformers import GenerationConfig
+
+        greedy = sampling.temperature == 0
+        rows = [p for p in prompts for _ in range(k)] if greedy else prompts
+        ids, mask = self.generation_inputs(rows)
+        wrapper = self.processor.tokenizer.convert_tokens_to_ids(self.processor.tokenizer.image_wrapper_token)
+        width, visual = self.grid, self.visual_ids.tolist()
+
+        def allowed(batch_id, input_ids):
+            offset = input_ids.shape[0] - torch.nonzero(input_ids == wrapper)[0, 0]
+            return [self.eol_id] if offset % (width + 1) == 0 else visual
+
+        negative = {}
+        if sampling.guidance_scale != 1:
+            neg = torch.tensor([self.negative_ids()] * len(rows) * (1 if greedy else k), device=self.device)
+            negative = dict(negative_prompt_ids=neg, negative_prompt_attention_mask=torch.ones_like(neg))
+        options = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
+                                                            top_k=sampling.top_k, top_p=sampling.top_p, num_return_sequences=k)
+        config = GenerationConfig(max_new_tokens=self.grid * (width + 1), guidance_scale=sampling.guidance_scale,
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_id, bos_token_id=self.bos_id, **options)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, prefix_allowed_tokens_fn=allowed,
+                                  generation_config=config, **negative)
+        image = out[:, ids.shape[1]:].view(-1, self.grid, width + 1)[:, :, :width].reshape(len(prompts) * k, -1)
+        code_of = torch.full((int(self.visual_ids.max()) + 1,), -1, dtype=torch.long, device=image.device)
+        code_of[self.visual_ids] = torch.arange(len(self.visual_ids), device=image.device)
+        return code_of[image].view(len(prompts), k, -1)
+
     def _image_placeholder_text(self) -> str:
         """The understanding prompt's image block, with one placeholder per image-sequence token."""
         side = self.grid * self.processor.downsample_ratio

@@ -140,6 +140,23 @@ class JanusAdapter(LMMAdapter):
         self.processor.save_pretrained(folder)
         return folder
 
+    def library_generate(self, prompts: list[str], k: int, sampling: ImageSampling = ImageSampling()) -> torch.LongTensor:
+        """transformers' `generate(generation_mode="image")` at the same settings (it needs CFG)."""
+        from transformers import GenerationConfig
+
+        if sampling.guidance_scale == 1:
+            raise ConfigError("transformers' Janus image generate fails without CFG: use guidance_scale > 1")
+        ids, mask = self.generation_inputs(prompts)
+        greedy = sampling.temperature == 0
+        options = {} if greedy else dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                                         top_p=sampling.top_p, num_return_sequences=k)
+        config = GenerationConfig(bos_token_id=self.bos_id, pad_token_id=self.pad_id, guidance_scale=sampling.guidance_scale,
+                                  generation_kwargs={"boi_token_id": self.boi_id}, **options)
+        if greedy:  # greedy generate refuses num_return_sequences > 1: repeat the inputs instead
+            ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_mode="image", generation_config=config)
+        return out.view(len(prompts), k, -1)
+
     # ---- prompts -------------------------------------------------------------------------------
     def generation_inputs(self, prompts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Left-padded ids and attention mask of the generation prompts (chat template + <begin_of_image>)."""

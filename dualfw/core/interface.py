@@ -164,6 +164,12 @@ class LMMAdapter(nn.Module, ABC):
         The prompt prefix is computed once per prompt and shared by its k samples.
         """
 
+    def library_generate(self, prompts: list[str], k: int, sampling: ImageSampling = ImageSampling()) -> torch.LongTensor:
+        """The same images drawn by the model library's own `generate` (tokens (len(prompts), k, N);
+        temperature 0: greedy, the k samples equal): the reference that parity tests and
+        `benchmarks/sampling.py` hold `sample_images` against. Seeded by torch's global generator."""
+        raise ConfigError(f"{type(self).__name__} offers no library sampler to compare with")
+
     @abstractmethod
     def decode_images(self, tokens: torch.LongTensor) -> torch.Tensor:
         """Image tokens (n, N) -> pixels (n, 3, H, W) in [0, 1]."""
