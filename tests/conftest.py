@@ -75,3 +75,24 @@ def tiny_emu3(tiny_emu3_folder):
     from dualfw.adapters.emu3 import Emu3Adapter
 
     return Emu3Adapter(path=str(tiny_emu3_folder), image_size=64, negative_prompt="blurry, low quality").eval()
+
+
+def fit_args(tmp_path, tiny_folder, *extra):
+    """`dualfw fit` arguments for a 2-step conf/t2i.yaml run of the tiny Janus into <tmp_path>/t2i/run
+    (later arguments win: `extra` overrides any of these)."""
+    return [
+        "fit",
+        "--config", str(Path(__file__).resolve().parents[1] / "conf" / "t2i.yaml"),
+        f"--model.init_args.model.init_args.path={tiny_folder}",
+        "--data.init_args.inputs_per_step=2",
+        "--data.init_args.k=3",
+        "--data.init_args.progress=false",
+        "--trainer.max_steps=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.name=t2i",
+        "--trainer.logger.version=run",
+        *extra,
+    ]

@@ -10,28 +10,10 @@ import torch
 
 from dualfw.cli import cli_main
 from dualfw.training.rollouts import read_rollouts
+from conftest import fit_args as _fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf" / "t2i.yaml")
-
-
-def _fit_args(tmp_path, tiny_folder, *extra):
-    return [
-        "fit",
-        "--config", CONF,
-        f"--model.init_args.model.init_args.path={tiny_folder}",
-        "--data.init_args.inputs_per_step=2",
-        "--data.init_args.k=3",
-        "--data.init_args.progress=false",
-        "--trainer.max_steps=2",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.name=t2i",
-        "--trainer.logger.version=run",
-        *extra,
-    ]
 
 
 def test_fit_writes_checkpoint_rollouts_metrics_images_and_resumes(tmp_path, tiny_folder):

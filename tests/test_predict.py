@@ -165,19 +165,24 @@ def test_bad_inputs_end_in_one_line(tmp_path, tiny_folder, monkeypatch, capsys):
     assert "cannot read image" in line and "1.png" in line
 
 
-def test_dualfw_test_reports_best_of_k_beside_plain_sampling(tmp_path, tiny_folder):
-    config = yaml.safe_load((ROOT / "conf" / "eval" / "shapes.yaml").read_text())
-    callbacks = config["trainer"]["callbacks+"]
-    callbacks[0]["init_args"].update(max_prompts=3, images_per_prompt=2, best_of=3)
-    del callbacks[1]
+def _test_with(tmp_path, tiny_folder, config: dict):
+    """`dualfw test` of the tiny Janus with `config` (an edited conf/eval/shapes.yaml) as overlay."""
     overlay = tmp_path / "eval.yaml"
     overlay.write_text(yaml.safe_dump(config, sort_keys=False))
-    cli = cli_main([
+    return cli_main([
         "test", "--config", CONF, "--config", str(overlay), f"--model.init_args.model.init_args.path={tiny_folder}",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
         "--trainer.logger.name=eval", "--trainer.logger.version=run",
     ])
+
+
+def test_dualfw_test_reports_best_of_k_beside_plain_sampling(tmp_path, tiny_folder):
+    config = yaml.safe_load((ROOT / "conf" / "eval" / "shapes.yaml").read_text())
+    callbacks = config["trainer"]["callbacks+"]
+    callbacks[0]["init_args"].update(max_prompts=3, images_per_prompt=2, best_of=3)
+    del callbacks[1]
+    cli = _test_with(tmp_path, tiny_folder, config)
     run = tmp_path / "eval" / "run"
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     b = json.loads((run / "report.json").read_text())["geneval"]["best_of"]
@@ -206,14 +211,7 @@ def test_dualfw_test_reports_pope_best_of_k_beside_the_plain_answers(tmp_path, t
     callbacks[1]["init_args"].update(max_questions=4, max_new_tokens=3, best_of=3)
     callbacks[1]["init_args"]["source"]["init_args"].update(folder=str(pope), num_images=3, seed=3)
     del callbacks[0]
-    overlay = tmp_path / "eval.yaml"
-    overlay.write_text(yaml.safe_dump(config, sort_keys=False))
-    cli = cli_main([
-        "test", "--config", CONF, "--config", str(overlay), f"--model.init_args.model.init_args.path={tiny_folder}",
-        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.name=eval", "--trainer.logger.version=run",
-    ])
+    cli = _test_with(tmp_path, tiny_folder, config)
     run = tmp_path / "eval" / "run"
     b = json.loads((run / "report.json").read_text())["pope"]["best_of"]
     assert b["k"] == 3 and b["folder"] == "pope/test_best_of_3" and b["scorer"] == "DualScorer"

@@ -1,32 +1,17 @@
 """Where a fit's time goes: per-step sampling / scoring / update seconds, throughput, end-of-fit summary."""
 
 import csv
-from pathlib import Path
 
 import lightning as L
 import pytest
 
+from conftest import fit_args
 from dualfw.cli import cli_main
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf" / "t2i.yaml")
 
 
 def _fit(tmp_path, tiny_folder, *extra):
-    return cli_main([
-        "fit", "--config", CONF,
-        f"--model.init_args.model.init_args.path={tiny_folder}",
-        "--data.init_args.inputs_per_step=2",
-        "--data.init_args.k=3",
-        "--data.init_args.progress=false",
-        "--trainer.max_steps=3",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.name=t2i",
-        "--trainer.logger.version=run",
-        *extra,
-    ])
+    return cli_main(fit_args(tmp_path, tiny_folder, "--trainer.max_steps=3", *extra))
 
 
 def test_fit_logs_the_time_split_per_step_and_prints_a_summary(tmp_path, tiny_folder, capsys):
