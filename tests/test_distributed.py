@@ -105,6 +105,25 @@ def test_fsdp2_two_ranks_fit_the_second_family(tmp_path, tiny_emu3_folder):
     assert changed and not any("vqmodel" in k for k in changed)
 
 
+def test_fsdp2_two_ranks_drawing_only_lora_exports_apart(tmp_path):
+    """LoRA that only draws, sharded on two ranks: the gathered export keeps the adapters beside the
+    base weights, and the reloaded model reads exactly as the base while it draws differently."""
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.core.lora import LORA_FILE
+
+    _fit(tmp_path, "--trainer.max_steps=2", "--model.init_args.lora.r=4")
+    export = tmp_path / "t2i" / "run" / "export"
+    assert (export / LORA_FILE).is_file() and (export / "lora" / "adapter_config.json").is_file()
+    trained, base = JanusAdapter(path=str(export)).eval(), JanusAdapter(path="dualfw:assets/shapes_base").eval()
+    tokens = base.sample_images(["a red circle", "two squares"], 1, seed=0)[:, 0]
+    pixels = base.decode_images(tokens)
+    with torch.no_grad():
+        reads = [m.text_logprobs(pixels, ["a red circle", "two squares"], "Describe this image.")[0] for m in (trained, base)]
+        draws = [m.image_logprobs(["a red circle", "two squares"], tokens) for m in (trained, base)]
+    assert torch.equal(reads[0], reads[1])
+    assert not torch.allclose(draws[0], draws[1])
+
+
 def test_fsdp2_two_ranks_i2t_with_descriptions_of_different_lengths(tmp_path):
     # sampled descriptions end at different steps on the two ranks; generate must keep both
     # ranks stepping (every sharded forward is a collective) or the run hangs
