@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-import torch
 from torch import nn
 
 from dualfw.core.errors import ConfigError
@@ -102,8 +101,7 @@ def save_split(adapter, peft_model, folder: str | Path) -> Path:
     `adapter.save_pretrained` (LoRA layers taken out, then put back), the adapters beside them."""
     folder = Path(folder)
     (for_direction,) = [d for d in DIRECTIONS if d not in adapter.lora_off_in]
-    state_dict = adapter._gathered_state_dict()[0] if adapter._is_sharded else None
-    writes = not adapter._is_sharded or torch.distributed.get_rank() == 0
+    state_dict, writes = adapter._gathered_state_dict()  # under FSDP2 every rank calls it
     if writes:
         lora_state = None
         if state_dict is not None:  # keys relative to the transformers model; peft's are under base_model.model

@@ -87,7 +87,6 @@ class ExportPretrained(L.Callback):
             pl_module.export_pretrained(Path(run_folder(trainer)) / self.dirname)
 
 
-
 class TimeSplit(L.Callback):
     """Where a fit's time goes. Every step logs the wall seconds since the previous step
     (`time/step_s`), how much of it went to sampling and scoring rollouts (`time/sample_s`,

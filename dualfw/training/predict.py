@@ -55,7 +55,12 @@ KEEPS = ("best", "all", "pairs")
 Layout = Literal["auto", "geneval", "plain"]
 # the batches carry their own input indices; Lightning's look for a DataLoader's sampler is moot
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader: `PredictBatches`")
-LINES = {"t2i": None, "i2t": "descriptions.jsonl"}  # t2i: predictions.jsonl / metadata.jsonl by layout
+def lines_file(folder: Path, direction: str, layout: str) -> Path:
+    """The JSON-lines file of `direction` in a predict folder (one line per input written): t2i's
+    name follows the layout (GenEval's predictions.jsonl, or metadata.jsonl), i2t's is fixed."""
+    if direction == "i2t":
+        return folder / "descriptions.jsonl"
+    return folder / ("predictions.jsonl" if layout == "geneval" else "metadata.jsonl")
 
 
 def batch_seed(seed: int, direction: str, batch: int) -> int:
@@ -232,9 +237,7 @@ class BestOfKWriter(BasePredictionWriter):
 
     def lines_path(self, direction: str) -> Path:
         """The JSON-lines file of `direction`: one line per input written."""
-        if direction == "i2t":
-            return self.out_dir / LINES["i2t"]
-        return self.out_dir / ("predictions.jsonl" if self.layout == "geneval" else "metadata.jsonl")
+        return lines_file(self.out_dir, direction, self.layout)
 
     def done(self, direction: str) -> set[int]:
         """Input indices of `direction` whose line is written and whose files are all there; other
@@ -376,9 +379,9 @@ def _predictions_files(folder: str | Path, key: str = "data.init_args.from_predi
         )
     if not isinstance(settings.get("best_of"), int) or settings["best_of"] < 2:
         raise ConfigError(f"'{settings_file}': best_of {settings.get('best_of')!r} gives no pairs: write it with best_of >= 2")
-    lines = path / ("predictions.jsonl" if settings.get("layout") == "geneval" else "metadata.jsonl")
+    lines = lines_file(path, "t2i", settings.get("layout"))
     if not lines.is_file():
-        if (path / LINES["i2t"]).is_file():
+        if lines_file(path, "i2t", settings.get("layout")).is_file():
             raise ConfigError(f"{key}: '{path}' holds descriptions of images only; training on a folder is text to image")
         raise MissingFileError(f"{key}: '{lines}' does not exist: the predict run has written no prompt yet")
     return path, settings, lines
