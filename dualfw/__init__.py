@@ -11,6 +11,7 @@ from dualfw.training.policy import Policy
 from dualfw.training.predict import BestOfKWriter
 from dualfw.training.reference import Reference
 from dualfw.training.scorer import DualScorer, RandomScorer
+from dualfw.training.strategy import FSDP2Strategy
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "LoraSpec",
     "DualScorer",
     "Emu3Adapter",
+    "FSDP2Strategy",
     "RandomScorer",
     "ImageSampling",
     "JanusAdapter",

@@ -212,16 +212,15 @@ def prepare_run_folder(trainer, ckpt_path, self_reward: bool = True) -> None:
         )
     if callback is None or "://" in str(checkpoints):
         return
-    partial = checkpoints / ".partial"
-    if _is_rank_zero() and partial.is_dir():
-        stale = [p for p in partial.iterdir() if p.is_file()]
-        for p in stale:
-            p.unlink()
-        if stale:
-            rank_zero_warn(f"removed {len(stale)} partial file(s) of interrupted checkpoint writes from '{partial}'")
+    from dualfw.training.strategy import PARTIAL, clear_partial
+
+    if _is_rank_zero():
+        clear_partial(checkpoints)
+    partial = checkpoints / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
-    # Lightning writes a checkpoint through fsspec's transaction: into a temporary file, then moved
-    # into place. Temporary files here lie on the checkpoints' filesystem and are cleared above.
+    # Lightning writes a checkpoint file through fsspec's transaction: into a temporary file, then
+    # moved into place. Temporary files here lie on the checkpoints' filesystem and are cleared above
+    # (sharded folders are staged there by dualfw.FSDP2Strategy).
     tempfile.tempdir = str(partial)
 
 

@@ -1,6 +1,6 @@
 """FSDP2 (Lightning's ModelParallelStrategy, `fully_shard` in Policy.configure_model) on CPU: two
-gloo ranks fit the tiny Janus for 2 steps, save a sharded checkpoint, and resume it for 1 more; the
-tiny Emu3 fits the same way.
+gloo ranks fit the Shapes base, are killed together mid-checkpoint and resume exactly; the tiny Emu3
+fits the same way.
 FSDP1 (conf/strategies/fsdp.yaml; Lightning's FSDPStrategy refuses CPUs): raw FullyShardedDataParallel
 on one in-process gloo rank, the two failures a GPU run met.
 
@@ -9,7 +9,9 @@ every rank imports lightning and transformers first (the slow part). Set DUALFW_
 to skip them on a loaded machine.
 """
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("DUALFW_DISTRIBUTED_TESTS", "1") == "0", reason="DUALFW_DISTRIBUTED_TESTS=0: 2-process CPU fit skipped"
 )
 
-def _fit(tmp_path: Path, *extra: str, recipe: str = "t2i", overlays: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _fit(tmp_path: Path, *extra: str, recipe: str = "t2i", overlays: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
     args = [
         "fit",
         "--config", str(ROOT / "conf" / f"{recipe}.yaml"),
@@ -48,29 +50,91 @@ def _fit(tmp_path: Path, *extra: str, recipe: str = "t2i", overlays: tuple[str, 
         "--trainer.logger.version=run",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "dualfw.cli", *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # a session of its own: a callback may kill the whole fit (both ranks) as a lost node would
+    result = subprocess.run([sys.executable, "-m", "dualfw.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=240, start_new_session=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
-def test_fsdp2_two_ranks_fit_checkpoint_and_resume(tmp_path):
-    run = tmp_path / "t2i" / "run"
-    last = run / "checkpoints" / "last.ckpt"
+# Loaded by the killed fits: records the round each rank trains at each step, and kills the whole
+# fit (every rank) while it writes last.ckpt at step `kill_at`: after the shards, before Lightning's
+# metadata file.
+KILLER = '''
+import json, os, signal
+import lightning as L
+import torch
 
-    _fit(tmp_path, "--trainer.max_steps=2")
+
+class Trace(L.Callback):
+    def __init__(self, trace: str, kill_at: int = -1):
+        self.trace, self.kill_at = trace, kill_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(self.trace, "a") as f:
+            f.write(json.dumps({"rank": trainer.global_rank, "step": trainer.global_step, "round": list(batch["round"])}) + "\\n")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.global_step == self.kill_at and trainer.global_rank == 0:
+            save = torch.save
+
+            def killing_save(obj, f, *args, **kwargs):
+                if str(f).endswith("meta.pt") and "last" in str(f):
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                return save(obj, f, *args, **kwargs)
+
+            torch.save = killing_save
+'''
+
+
+def _overlay(tmp_path: Path, name: str, trace: Path, kill_at: int = -1) -> str:
+    (tmp_path / "killer.py").write_text(KILLER)
+    overlay = tmp_path / f"{name}.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: dualfw.PairImageGrid\n      init_args: {every_n_steps: 2}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {save_last: true, every_n_train_steps: 2, monitor: step, mode: max, save_top_k: 1}\n"
+        "    - class_path: dualfw.ExportPretrained\n"
+        f"    - class_path: killer.Trace\n      init_args: {{trace: '{trace}', kill_at: {kill_at}}}\n"
+    )
+    return str(overlay)
+
+
+def _trace(path: Path) -> dict[tuple[int, int], tuple]:
+    """(rank, step) -> the round trained there, in the run's final history (a resumed process
+    redoes the steps after its checkpoint)."""
+    return {(t["rank"], t["step"]): tuple(t["round"]) for t in map(json.loads, path.read_text().splitlines())}
+
+
+def _weights(checkpoint: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = checkpoint.parent / (checkpoint.name + ".pt")
+    dcp_to_torch_save(checkpoint, whole)
+    return torch.load(whole, weights_only=False)["state_dict"]
+
+
+def test_fsdp2_two_ranks_killed_while_checkpointing_resume_as_if_uninterrupted(tmp_path):
+    """Two FSDP2 ranks, killed together while writing the step-4 sharded last.ckpt (shards written,
+    metadata not), resume with --ckpt_path last and end where an uninterrupted run ends: the same
+    rounds on each rank at each step, the same weights; the torn checkpoint never replaced the
+    whole one, and its leftovers are cleared."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _fit(a, "--trainer.max_steps=6", overlays=(_overlay(a, "a", a / "trace"),))
+    run = a / "t2i" / "run"
+    last = run / "checkpoints" / "last.ckpt"
     # a sharded (torch.distributed.checkpoint) folder: one file per rank plus Lightning's metadata
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
-    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 2  # Lightning's own metadata file
+    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 6  # Lightning's own metadata file
     assert list((run / "images").glob("pairs_step*.png")), "rank 0's image grid (run folder resolved on every rank)"
-    first = {rank: list(read_rollouts(run / f"rollouts.rank{rank}.jsonl")) for rank in (0, 1)}
-    for rank, rollouts in first.items():
-        assert len(rollouts) >= 2, rank  # 2 steps, one prompt each (plus Lightning's prefetch)
-        assert len(rollouts[0]["image_tokens"]) == 2 and len(rollouts[0]["rewards"]) == 2
-    # disjoint prompt chunks: the two ranks' first rounds differ
-    assert first[0][0]["seed"] != first[1][0]["seed"]
+    rollouts = {rank: list(read_rollouts(run / f"rollouts.rank{rank}.jsonl")) for rank in (0, 1)}
+    assert all(len(r[0]["image_tokens"]) == 2 and len(r[0]["rewards"]) == 2 for r in rollouts.values())
+    assert rollouts[0][0]["seed"] != rollouts[1][0]["seed"]  # disjoint prompt chunks
     # ExportPretrained gathers the shards into one whole model (written by rank 0)
     from dualfw.adapters.janus import JanusAdapter
 
@@ -80,13 +144,23 @@ def test_fsdp2_two_ranks_fit_checkpoint_and_resume(tmp_path):
     changed = [k for k in base if not torch.equal(exported[k], base[k])]
     assert changed and not any("vqmodel" in k for k in changed)  # trained; the VQ stays frozen
 
-    result = _fit(tmp_path, "--trainer.max_steps=3", f"--ckpt_path={last}")
-    assert "Restored all states from the checkpoint" in result.stdout + result.stderr
-    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 3
-    for rank in (0, 1):
-        rollouts = list(read_rollouts(run / f"rollouts.rank{rank}.jsonl"))
-        assert len(rollouts) > len(first[rank])  # appended after the resume, nothing lost
-        assert max(r["step"] for r in rollouts) == 2  # the resumed run sampled at global step 2
+    killed = _fit(b, "--trainer.max_steps=6", overlays=(_overlay(b, "b1", b / "trace", kill_at=4),), check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = b / "t2i" / "run" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=False)["global_step"] == 2
+    assert list((checkpoints / ".partial").iterdir()), "the torn write stayed in .partial"
+    resumed = _fit(b, "--trainer.max_steps=6", "--ckpt_path=last", overlays=(_overlay(b, "b2", b / "trace"),))
+    assert "partial file(s) of interrupted checkpoint writes" in resumed.stderr
+    assert torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=False)["global_step"] == 6
+
+    expected, got = _trace(a / "trace"), _trace(b / "trace")
+    assert got == expected and len(expected) == 12
+    ours, theirs = _weights(checkpoints / "last.ckpt"), _weights(last)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6)
+    for rank in (0, 1):  # every round once after de-duplication, as the uninterrupted run sampled it
+        assert list(read_rollouts(b / "t2i" / "run" / f"rollouts.rank{rank}.jsonl", dedupe=True)) == rollouts[rank]
 
 
 def test_fsdp2_two_ranks_fit_the_second_family(tmp_path, tiny_emu3_folder):

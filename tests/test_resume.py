@@ -192,3 +192,25 @@ def test_second_fit_into_a_finished_run_folder_refuses(tmp_path, tiny_folder):
     # resuming it is the way in
     cli = cli_main(args("--trainer.max_steps=2", "--ckpt_path=last"))
     assert cli.trainer.global_step == 2
+
+
+def test_a_checkpoint_caught_between_its_swap_renames_is_put_back(tmp_path):
+    from dualfw.training.strategy import PARTIAL, clear_partial, move_into_place
+
+    checkpoints = tmp_path / "checkpoints"
+    old, new = checkpoints / "last.ckpt", checkpoints / PARTIAL / "last.ckpt"
+    for folder, step in ((old, "2"), (new, "4")):
+        folder.mkdir(parents=True)
+        (folder / "meta.pt").write_text(step)
+    move_into_place(new, old)  # the whole swap: the new folder in place, nothing left behind
+    assert (old / "meta.pt").read_text() == "4" and not list((checkpoints / PARTIAL).iterdir())
+
+    # a crash after the old one moved aside and before the new one moved in
+    old.rename(checkpoints / PARTIAL / "last.ckpt.old")
+    (checkpoints / PARTIAL / "last.ckpt").mkdir()
+    (checkpoints / PARTIAL / "last.ckpt" / "half.distcp").write_text("torn")
+    (checkpoints / PARTIAL / "tmp123").write_text("torn file write")
+    with pytest.warns(UserWarning, match="put back last.ckpt"):
+        clear_partial(checkpoints)
+    assert (old / "meta.pt").read_text() == "4"
+    assert not list((checkpoints / PARTIAL).iterdir())
