@@ -129,6 +129,21 @@ def test_understanding_only_batches_train_without_t2i():
         ShapesDataModule(stage="lm", t2i_batch_size=-1)
 
 
+def test_t2i_tags_choose_where_drawing_prompts_come_from():
+    from dualfw.shapes.text import enumerate_geneval_prompts
+
+    by_tag: dict[str, set[str]] = {}
+    for record in enumerate_geneval_prompts(WorldConfig()):
+        by_tag.setdefault(record["tag"], set()).add(record["prompt"])
+    prompts = ShapesDataModule(stage="lm", batch_size=1, t2i_batch_size=60, seed=0, t2i_tags=["colors", "color_attr"]).make_batch(0, 0)["prompts"]
+    assert set(prompts) <= by_tag["colors"] | by_tag["color_attr"]
+    assert set(prompts) & by_tag["colors"] and set(prompts) & by_tag["color_attr"]
+    every = ShapesDataModule(stage="lm", batch_size=1, t2i_batch_size=60, seed=0).make_batch(0, 0)["prompts"]
+    assert not set(every) <= by_tag["colors"] | by_tag["color_attr"]
+    with pytest.raises(ConfigError, match="t2i_tags must be a non-empty list of .*'colours'"):
+        ShapesDataModule(stage="lm", t2i_tags=["colours"])
+
+
 def test_lm_stage_freezes_the_vq_and_its_losses_decrease():
     torch.manual_seed(0)
     module = ShapesSFT(JanusAdapter(tiny=SPEC), stage="lm", cfg_drop=0.5)

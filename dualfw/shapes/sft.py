@@ -98,6 +98,8 @@ class ShapesDataModule(L.LightningDataModule):
             statements, so short GenEval-style prompts stay in distribution).
         shape_only_prob: share of questions about a shape without its color.
         val_batches: fixed validation batches (drawn from another seed stream).
+        t2i_tags: the GenEval tags that text-to-image prompts are drawn from, each equally often
+            (None: all six), e.g. [colors, color_attr] for a stage that teaches colour.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class ShapesDataModule(L.LightningDataModule):
         full_caption_prob: float = 0.5,
         shape_only_prob: float = 0.3,
         val_batches: int = 2,
+        t2i_tags: list[str] | None = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -132,7 +135,10 @@ class ShapesDataModule(L.LightningDataModule):
         records = enumerate_geneval_prompts(self.world)
         # t2i prompts: a tag uniformly, then a record of that tag uniformly (tags are equally weighted
         # in GenEval's overall score, while color_attr alone has 180 of the 240 distinct records)
-        self.records_by_tag = {tag: [r for r in records if r["tag"] == tag] for tag in TAGS}
+        self.t2i_tags = list(TAGS if t2i_tags is None else t2i_tags)
+        if not self.t2i_tags or any(tag not in TAGS for tag in self.t2i_tags):
+            raise ConfigError(f"data.init_args.t2i_tags must be a non-empty list of {list(TAGS)}, got {t2i_tags!r}")
+        self.records_by_tag = {tag: [r for r in records if r["tag"] == tag] for tag in self.t2i_tags}
 
     def make_batch(self, index: int, seed: int) -> dict:
         """Batch `index` of the stream `seed`."""
@@ -152,7 +158,7 @@ class ShapesDataModule(L.LightningDataModule):
             answers.append(answer)
         g_images, prompts = [], []
         for _ in range(self.t2i_batch_size):
-            tagged = self.records_by_tag[TAGS[int(rng.integers(len(TAGS)))]]
+            tagged = self.records_by_tag[self.t2i_tags[int(rng.integers(len(self.t2i_tags)))]]
             record = tagged[int(rng.integers(len(tagged)))]
             g_images.append(render(scene_for_record(record, rng, self.world)))
             prompts.append(record["prompt"])
