@@ -151,12 +151,13 @@ class Emu3Adapter(LMMAdapter):
         self.model.model.vqmodel.eval()  # frozen tokenizer: always in eval mode
         return self
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, gathered: tuple[dict | None, bool] | None = None) -> Path:
         """Weights (safetensors), config, tokenizer and processor: a folder that
         Emu3ForConditionalGeneration / Emu3Processor.from_pretrained and Emu3Adapter(path=...) load.
         The config is saved with attention dropout 0 (what dualfw trains with)."""
         folder = Path(folder)
-        state_dict, writes = self._gathered_state_dict()  # under FSDP2 every rank calls this
+        # under FSDP2 every rank calls this
+        state_dict, writes = gathered if gathered is not None else self._gathered_state_dict()
         if not writes:
             return folder
         self.model.save_pretrained(folder, state_dict=state_dict)

@@ -215,9 +215,10 @@ class LMMAdapter(nn.Module, ABC):
         """Sample `k` descriptions per image (temperature 0: greedy, the k answers equal)."""
 
     @abstractmethod
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, gathered: tuple[dict | None, bool] | None = None) -> Path:
         """Save weights and processing files where the model's own library loads them. Under FSDP2
-        every rank calls it and rank 0 writes."""
+        every rank calls it and rank 0 writes. `gathered`: `_gathered_state_dict()`'s result when
+        the caller holds it already (the weights are then not gathered again)."""
 
     @abstractmethod
     def lora_targets(self) -> list[str] | str:

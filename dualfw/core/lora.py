@@ -98,7 +98,8 @@ def adapters_off(module: nn.Module) -> Iterator[None]:
 
 def save_split(adapter, peft_model, folder: str | Path) -> Path:
     """Export a model whose LoRA serves one direction: the base weights through
-    `adapter.save_pretrained` (LoRA layers taken out, then put back), the adapters beside them."""
+    `adapter.save_pretrained` (LoRA layers taken out, then put back), the adapters beside them;
+    under FSDP2 the weights are gathered once for both."""
     folder = Path(folder)
     (for_direction,) = [d for d in DIRECTIONS if d not in adapter.lora_off_in]
     state_dict, writes = adapter._gathered_state_dict()  # under FSDP2 every rank calls it
@@ -107,9 +108,12 @@ def save_split(adapter, peft_model, folder: str | Path) -> Path:
         if state_dict is not None:  # keys relative to the transformers model; peft's are under base_model.model
             lora_state = {f"base_model.model.{k}": v for k, v in state_dict.items()}
         peft_model.save_pretrained(folder / "lora", state_dict=lora_state, safe_serialization=True)
+    base_state = None
+    if state_dict is not None:  # the base weights under their own names: no LoRA, no peft wrapper level
+        base_state = {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
     lora_layers = _take_out_lora(adapter.lora_module())
     try:
-        adapter.save_pretrained(folder)
+        adapter.save_pretrained(folder, gathered=(base_state, writes))
     finally:
         _put_back(lora_layers)
     if writes:
