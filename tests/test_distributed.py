@@ -1,4 +1,5 @@
-"""FSDP2 (Lightning's ModelParallelStrategy, `fully_shard` in Policy.configure_model) on CPU: two
+"""FSDP2 (dualfw.FSDP2Strategy over Lightning's ModelParallelStrategy, `fully_shard` in
+Policy.configure_model) on CPU: two
 gloo ranks fit the Shapes base, are killed together mid-checkpoint and resume exactly; the tiny Emu3
 fits the same way.
 FSDP1 (conf/strategies/fsdp.yaml; Lightning's FSDPStrategy refuses CPUs): raw FullyShardedDataParallel

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fit_args
 from dualfw.training.rollouts import RolloutWriter, read_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,11 +178,7 @@ def test_second_fit_into_a_finished_run_folder_refuses(tmp_path, tiny_folder):
     from dualfw.core.errors import ConfigError
 
     def args(*extra):
-        return ["fit", "--config", CONF, f"--model.init_args.model.init_args.path={tiny_folder}",
-                "--data.init_args.inputs_per_step=2", "--data.init_args.k=3", "--data.init_args.progress=false",
-                "--trainer.max_steps=1", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
-                "--trainer.logger.name=t2i", "--trainer.logger.version=run", *extra]
+        return fit_args(tmp_path, tiny_folder, "--trainer.max_steps=1", *extra)
 
     cli_main(args())
     run = tmp_path / "t2i" / "run"

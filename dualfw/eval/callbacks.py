@@ -796,9 +796,10 @@ class PopeCallback(_EvalCallback):
             raise ConfigError(f"PopeCallback.best_of {self.best_of} needs a LightningModule with a `scorer` (dualfw.Policy)")
         folder = root / f"{label}_{key}"
         answers, entry_splits = {}, {}
+        image = self._images(pl_module.model)  # one cache for every split: they ask about the same images
         for s, (split, qs) in enumerate(questions.items()):
             run = answer_pope_best_of(
-                pl_module.model, scorer, qs, self._images(pl_module.model), self.best_of, self.answers[split],
+                pl_module.model, scorer, qs, image, self.best_of, self.answers[split],
                 self.instruction, self.max_new_tokens, self.batch_size, self.best_of_temperature,
                 derive_seed(self.seed, s), self.reward_text,
             )

@@ -55,7 +55,7 @@ def clear_partial(checkpoints: Path) -> None:
         return
     restored = []
     for old in partial.glob("*.old"):
-        target = checkpoints / old.name[: -len(".old")]
+        target = checkpoints / old.stem
         if not target.exists():
             old.rename(target)
             restored.append(target.name)
