@@ -101,13 +101,14 @@ def test_logprob_gradients_unchanged_under_activation_checkpointing(adapter):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_lora_for_one_direction_is_off_in_the_other_and_exports_apart(family, direction, tmp_path):
     """LoRA for one direction changes that direction's calls only (the other's equal the base bit
-    for bit), and its export loads back, through the family's own constructor, to the same model."""
-    from dualfw.core.lora import LoraSpec, apply_lora, save_split
+    for bit), and its export loads back, through the family's own constructor, to the same model;
+    so does the reloaded model's own export (`save_model`), its adapters still apart."""
+    from dualfw.core.lora import LORA_FILE, LoraSpec, apply_lora, save_model, save_split
 
     base = ADAPTERS[family]().eval()
     adapter = ADAPTERS[family]().eval()
     adapter.load_state_dict(base.state_dict())
-    peft_model = apply_lora(adapter, LoraSpec(r=4), for_direction=direction)
+    apply_lora(adapter, LoraSpec(r=4), for_direction=direction)
     with torch.no_grad():
         for p in adapter.parameters():
             if p.requires_grad:
@@ -128,13 +129,19 @@ def test_lora_for_one_direction_is_off_in_the_other_and_exports_apart(family, di
     assert not torch.allclose(trained[direction], before[direction], atol=1e-4)
     assert torch.equal(adapter.sample_images(PROMPTS, k=2, seed=1), base.sample_images(PROMPTS, k=2, seed=1)) == (direction == "i2t")
 
-    folder = save_split(adapter, peft_model, tmp_path / "export")
+    folder = save_split(adapter, tmp_path / "export")
     assert calls(adapter)[direction].equal(trained[direction]), "exporting changed the model"
     reloaded = ADAPTERS[family](path=str(folder)).eval()
     again = calls(reloaded)
     torch.testing.assert_close(again[direction], trained[direction], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again[other], before[other], atol=1e-5, rtol=1e-5)
     assert not any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)
+
+    second = save_model(reloaded, tmp_path / "again")
+    assert (second / LORA_FILE).is_file()
+    twice = calls(ADAPTERS[family](path=str(second)).eval())
+    torch.testing.assert_close(twice[direction], trained[direction], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(twice[other], before[other], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_samples_equal_the_model_librarys_generate(adapter):

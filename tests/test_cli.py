@@ -147,27 +147,39 @@ def test_pair_grid_shows_the_pairs_and_with_initial_rollouts_the_policy_own_samp
     assert (saved.int() - (expected * 255 + 0.5).clamp(0, 255).int()).abs().max() <= 1
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", ["none", "drawing", "reading_carried"])
 def test_generation_only_training_leaves_reading_bit_identical(tmp_path, tiny_folder, tiny_adapter, lora):
     """train: generation moves only what draws: after a fit at a large learning rate the exported
     model's R_G and greedy answers equal the initial model's exactly, while its image log-probs
     changed. Without LoRA only the generation modules' weights changed; with LoRA no base weight
-    did (the adapters, active only while drawing, are exported beside them)."""
+    did (the adapters, active only while drawing, are exported beside them). A model that carries
+    reading-only LoRA from an earlier stage keeps it, apart, through training and export."""
     from dualfw.adapters.janus import JanusAdapter
     from dualfw.core.interface import TextSampling
-    from dualfw.core.lora import LORA_FILE
+    from dualfw.core.lora import LORA_FILE, LoraSpec, apply_lora, save_split
     from dualfw.training.scorer import DualScorer
 
-    extra = ["--model.init_args.lora.r=4"] if lora else []
-    cli_main(_fit_args(tmp_path, tiny_folder, "--model.init_args.train=generation",
+    start, initial = tiny_folder, tiny_adapter
+    if lora == "reading_carried":
+        initial = JanusAdapter(path=str(tiny_folder)).eval()
+        apply_lora(initial, LoraSpec(r=4), for_direction="i2t")
+        with torch.no_grad():
+            for p in initial.parameters():
+                if p.requires_grad:
+                    p.add_(0.1)  # LoRA away from zero: reading differs from tiny_adapter's
+        start = save_split(initial, tmp_path / "reader")
+    extra = ["--model.init_args.lora.r=4"] if lora == "drawing" else []
+    cli_main(_fit_args(tmp_path, start, "--model.init_args.train=generation",
                        "--model.init_args.optimizer.init_args.lr=0.05", *extra))
     export = tmp_path / "t2i" / "run" / "export"
-    assert (export / LORA_FILE).exists() == lora
+    assert (export / LORA_FILE).exists() == (lora != "none")
     trained = JanusAdapter(path=str(export)).eval()
-    drawing = {id(p) for m in tiny_adapter.generation_modules() for p in m.parameters()}
-    before = dict(tiny_adapter.named_parameters())
-    changed = {name for name, p in trained.named_parameters() if name in before and not torch.equal(p, before[name])}
-    if lora:
+    drawing = {id(p) for m in initial.generation_modules() for p in m.parameters()}
+    weights = lambda model: {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}  # noqa: E731
+    before, after = weights(initial), weights(trained)
+    assert before.keys() <= after.keys()
+    changed = {name for name, p in before.items() if not torch.equal(p, after[name])}
+    if lora == "drawing":
         assert not changed and any("lora_" in name for name, _ in trained.named_parameters())
     else:
         assert changed, "nothing trained"
@@ -176,17 +188,18 @@ def test_generation_only_training_leaves_reading_bit_identical(tmp_path, tiny_fo
     tokens = tiny_adapter.sample_images(["a red circle", "two squares"], k=2, seed=0).flatten(0, 1)
     prompts = ["a red circle"] * 2 + ["two squares"] * 2
     rewards = []
-    for model in (tiny_adapter, trained):
+    for model in (initial, trained, tiny_adapter):
         scorer = DualScorer()
         scorer.attach(model)
         rewards.append(scorer.image_rewards(tokens, prompts))
     assert torch.equal(rewards[0], rewards[1])
+    assert torch.equal(rewards[0], rewards[2]) == (lora != "reading_carried")
     pixels = tiny_adapter.decode_images(tokens)
     greedy = TextSampling(temperature=0.0, max_new_tokens=6)
-    answers = [m.sample_texts(pixels, 1, "Is there a circle?", greedy) for m in (tiny_adapter, trained)]
+    answers = [m.sample_texts(pixels, 1, "Is there a circle?", greedy) for m in (initial, trained)]
     assert answers[0] == answers[1]
     with torch.no_grad():
-        assert not torch.equal(tiny_adapter.image_logprobs(prompts, tokens), trained.image_logprobs(prompts, tokens))
+        assert not torch.equal(initial.image_logprobs(prompts, tokens), trained.image_logprobs(prompts, tokens))
 
 
 def test_one_direction_training_refuses_what_it_cannot_train(tiny_folder):

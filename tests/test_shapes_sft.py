@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dualfw.core.errors import ConfigError
+from dualfw.core.lora import LORA_FILE, LoraSpec
 from dualfw.core.interface import ImageSampling, TextSampling
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.adapters.tiny import TinyJanusSpec
@@ -206,7 +207,8 @@ def test_t2i_loss_drops_prompts_to_the_cfg_unconditional_input(stepwise_logprobs
 
 def test_build_stages_fit_through_the_cli(tmp_path):
     """`dualfw fit` with the three shipped stage configs of `python -m dualfw.shapes.build` (sizes
-    shrunk): stage 2 starts from the reader and takes the tokenizer's VQ."""
+    shrunk): stage 2 starts from the reader and takes the tokenizer's VQ; a further reading-only
+    stage (`reading_lora`) leaves drawing exactly as it was."""
     from dualfw.cli import cli_main
     from dualfw.shapes.build import STEPS
 
@@ -228,6 +230,24 @@ def test_build_stages_fit_through_the_cli(tmp_path):
     vq = JanusAdapter(path=str(vq_dir)).model.model.vqmodel.state_dict()
     base = JanusAdapter(path=str(base_dir)).model.model.vqmodel.state_dict()
     assert all(torch.equal(vq[k], base[k]) for k in vq)  # the tokenizer's VQ, left alone by stage 2
+
+    # a reader trained further beside a fixed drawer: LoRA active only while reading, exported apart
+    reader_dir = tmp_path / "reader_lora"
+    cli_main(["fit", "--config", "conf/shapes/base.yaml", *common, "--data.init_args.t2i_batch_size=0",
+              f"--model.init_args.model.init_args.path={base_dir}", "--model.init_args.vq_from=null",
+              "--model.init_args.reading_lora.r=4", "--model.init_args.lr=0.05",
+              f"--model.init_args.export_dir={reader_dir}"])
+    assert (reader_dir / LORA_FILE).is_file()
+    before, after = JanusAdapter(path=str(base_dir)).eval(), JanusAdapter(path=str(reader_dir)).eval()
+    prompts = ["a photo of a red circle", "a photo of two squares"]
+    tokens = before.sample_images(prompts, k=1, seed=0)[:, 0]
+    pixels = before.decode_images(tokens)
+    with torch.no_grad():
+        assert torch.equal(before.image_logprobs(prompts, tokens), after.image_logprobs(prompts, tokens))
+        assert not torch.allclose(before.text_logprobs(pixels, prompts, "Describe this image.")[0],
+                                  after.text_logprobs(pixels, prompts, "Describe this image.")[0], atol=1e-4)
+    with pytest.raises(ConfigError, match="reading_lora"):
+        ShapesSFT(JanusAdapter(tiny=SPEC), stage="vq", reading_lora=LoraSpec(r=4))
 
 
 def test_build_names_the_log_of_a_failed_stage(tmp_path):

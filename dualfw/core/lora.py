@@ -61,14 +61,16 @@ def apply_lora(adapter, spec: LoraSpec, for_direction: Literal["t2i", "i2t"] | N
             f"model.init_args.lora.target_modules {targets} match no layer of the model "
             f"(linear layers are named e.g. {', '.join(names[:12])}): {str(err).splitlines()[0]}"
         ) from None
-    _set_direction(adapter, for_direction)
+    _set_direction(adapter, for_direction, peft_model)
     return peft_model
 
 
-def _set_direction(adapter, for_direction: str | None) -> None:
+def _set_direction(adapter, for_direction: str | None, peft_model) -> None:
     if for_direction is not None and for_direction not in DIRECTIONS:
         raise ConfigError(f"LoRA for_direction must be one of {DIRECTIONS} or None, got {for_direction!r}")
     adapter.lora_off_in = frozenset(d for d in DIRECTIONS if for_direction not in (None, d))
+    # a list keeps the PeftModel (which wraps the adapter's own weights) out of the module tree
+    adapter._one_direction_peft = [peft_model] if adapter.lora_off_in else []
 
 
 def has_lora(adapter) -> bool:
@@ -96,11 +98,20 @@ def adapters_off(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def save_split(adapter, peft_model, folder: str | Path) -> Path:
+def save_model(adapter, folder: str | Path) -> Path:
+    """Save `adapter` where its library loads it: `save_split` when it carries LoRA for one
+    direction (applied or loaded), else `adapter.save_pretrained`."""
+    if getattr(adapter, "_one_direction_peft", None):
+        return save_split(adapter, folder)
+    return adapter.save_pretrained(folder)
+
+
+def save_split(adapter, folder: str | Path) -> Path:
     """Export a model whose LoRA serves one direction: the base weights through
     `adapter.save_pretrained` (LoRA layers taken out, then put back), the adapters beside them;
     under FSDP2 the weights are gathered once for both."""
     folder = Path(folder)
+    (peft_model,) = adapter._one_direction_peft
     (for_direction,) = [d for d in DIRECTIONS if d not in adapter.lora_off_in]
     state_dict, writes = adapter._gathered_state_dict()  # under FSDP2 every rank calls it
     if writes:
@@ -157,7 +168,7 @@ def load_saved_lora(adapter, folder: str | Path) -> None:
 
     module = adapter.lora_module()
     flags = [(p, p.requires_grad) for p in module.parameters()]
-    PeftModel.from_pretrained(module, path, is_trainable=False)  # injects the layers into `module` in place
+    peft_model = PeftModel.from_pretrained(module, path, is_trainable=False)  # injects the layers in place
     for p, flag in flags:
         p.requires_grad_(flag)
-    _set_direction(adapter, for_direction)
+    _set_direction(adapter, for_direction, peft_model)

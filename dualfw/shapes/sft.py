@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from dualfw.core.errors import ConfigError
+from dualfw.core.lora import LoraSpec, apply_lora, save_model
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.core.pixels import to_pixels, to_uint8
 from dualfw.shapes.detector import ShapesDetector, detection_rates
@@ -226,6 +227,10 @@ class ShapesSFT(L.LightningModule):
         vq_from: a model folder (or "dualfw:..." asset) whose VQ tokenizer weights replace `model`'s
             at start (same VQ config required), so stage "lm" can train a freshly built model
             (e.g. other vision-encoder sizes) on an already trained tokenizer. None: keep `model`'s.
+        reading_lora: stage "lm": train LoRA adapters that are active only while the model reads
+            instead of its weights, so the reader learns further while drawing stays exactly the
+            model's (`dualfw.core.lora`; the export keeps them apart). Pair it with an
+            understanding-only stage (data `t2i_batch_size: 0`): a drawing loss would train nothing.
     """
 
     def __init__(
@@ -244,6 +249,7 @@ class ShapesSFT(L.LightningModule):
         cfg_drop: float = 0.1,
         export_dir: str | None = None,
         vq_from: str | None = None,
+        reading_lora: LoraSpec | None = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -278,6 +284,11 @@ class ShapesSFT(L.LightningModule):
         )
         for p in trainable:
             p.requires_grad_(True)
+        if reading_lora is not None:
+            if stage != "lm":
+                raise ConfigError("model.init_args.reading_lora trains the reader: it needs stage 'lm'")
+            model.requires_grad_(False)
+            apply_lora(model, reading_lora, for_direction="i2t")  # only the LoRA layers learn
         self._usage = torch.zeros(vq.quantize.num_embeddings, dtype=torch.long)
         if stage == "vq":
             self._normalise_codebook()
@@ -443,7 +454,7 @@ class ShapesSFT(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
-            self.model.save_pretrained(self.export_dir)
+            save_model(self.model, self.export_dir)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from dualfw.core.errors import ConfigError
 from dualfw.core.losses import PairLogps, PreferenceLoss, SimPO, chosen_nll
 from dualfw.core.interface import FrozenView, LMMAdapter
-from dualfw.core.lora import LoraSpec, apply_lora, save_split
+from dualfw.core.lora import LoraSpec, apply_lora, save_model
 from dualfw.training.reference import Reference
 from dualfw.training.scorer import DualScorer
 from dualfw.core.selfreward import Group, sequence_logps
@@ -346,12 +346,11 @@ class Policy(L.LightningModule):
     def export_pretrained(self, folder: str | Path) -> Path:
         """Save the trained policy where transformers loads it (`from_pretrained(folder)`). LoRA
         adapters for both directions are merged into the weights first; adapters for one direction
-        are saved beside the base weights (`dualfw.core.lora.save_split`). The policy stays usable."""
-        if self._peft and self.model.lora_off_in:
-            return save_split(self.model, self._peft[0], folder)
-        if self._peft:
+        are saved beside the base weights (`dualfw.core.lora.save_split`), whether trained here or
+        loaded with the initial model. The policy stays usable."""
+        if self._peft and not self.model.lora_off_in:
             self._peft.pop().merge_and_unload()  # in place: the adapter's model now holds merged weights
-        return self.model.save_pretrained(folder)
+        return save_model(self.model, folder)
 
 
 def _mark_units(model: LMMAdapter) -> None:
