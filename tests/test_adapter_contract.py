@@ -144,6 +144,61 @@ def test_lora_for_one_direction_is_off_in_the_other_and_exports_apart(family, di
     torch.testing.assert_close(twice[other], before[other], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", sorted(ADAPTERS))
+def test_a_lora_set_for_each_direction_draws_and_reads_as_each_set_alone(family, tmp_path):
+    """With a set for each direction, drawing calls equal a model holding the t2i set alone (as
+    LoRA for drawing) and reading calls one holding the i2t set alone; the export loads back the
+    same, its sets frozen; a set for each needs train: all."""
+    from dualfw.core.errors import ConfigError
+    from dualfw.core.lora import LoraSpec, apply_lora, save_model
+
+    base = ADAPTERS[family]().eval()
+
+    def with_lora(spec, direction=None):
+        model = ADAPTERS[family]().eval()
+        model.load_state_dict(base.state_dict())
+        apply_lora(model, spec, for_direction=direction)
+        return model
+
+    both = with_lora(LoraSpec(r=4, per_direction=True))
+    trainable = {n for n, p in both.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in both.named_parameters() if "lora_" in n}
+    assert any(".t2i." in n for n in trainable) and any(".i2t." in n for n in trainable)
+    with torch.no_grad():
+        for name, p in both.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 if ".t2i." in name else -0.2)
+    alone = {}
+    for direction in ("t2i", "i2t"):
+        alone[direction] = with_lora(LoraSpec(r=4), direction)
+        mine = {n.replace(f".{direction}.", ".default."): p for n, p in both.named_parameters() if f".{direction}." in n}
+        with torch.no_grad():
+            for name, p in alone[direction].named_parameters():
+                if "lora_" in name:
+                    p.copy_(mine[name])
+    tokens = base.sample_images(PROMPTS, k=1, seed=0)[:, 0]
+    pixels = torch.rand(2, 3, base.image_size, base.image_size, generator=torch.Generator().manual_seed(3))
+
+    def calls(model):
+        with torch.no_grad():
+            return {"t2i": model.image_logprobs(PROMPTS, tokens, guidance_scale=2.0),
+                    "i2t": model.text_logprobs(pixels, PROMPTS, "Describe this image.")[0]}
+
+    got, before = calls(both), calls(base)
+    for direction in ("t2i", "i2t"):
+        assert torch.equal(got[direction], calls(alone[direction])[direction])
+        assert not torch.allclose(got[direction], before[direction], atol=1e-4)
+    assert {n for n, p in both.named_parameters() if p.requires_grad} == trainable  # switching sets keeps them
+
+    reloaded = ADAPTERS[family](path=str(save_model(both, tmp_path / "export"))).eval()
+    again = calls(reloaded)
+    for direction in ("t2i", "i2t"):
+        torch.testing.assert_close(again[direction], got[direction], atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)
+    with pytest.raises(ConfigError, match="per_direction"):
+        with_lora(LoraSpec(r=4, per_direction=True), "t2i")
+
+
 def test_greedy_samples_equal_the_model_librarys_generate(adapter):
     """`sample_images` draws what the family's own library draws (`library_generate`): greedy
     tokens equal on a mixed-length batch with CFG; sampled ones have the same shape."""

@@ -143,6 +143,9 @@ class LMMAdapter(nn.Module, ABC):
     #: directions ("t2i": drawing calls, "i2t": reading calls) that run with LoRA layers off
     #: (`dualfw.core.lora`, LoRA for one direction only)
     lora_off_in: frozenset[str] = frozenset()
+    #: direction -> the peft adapter set its calls use, when each direction has its own
+    #: (`LoraSpec.per_direction`); empty otherwise
+    lora_sets: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -318,15 +321,16 @@ _DIRECTION_OF_CALL = {"sample_images": "t2i", "image_logprobs": "t2i", "text_log
 
 
 def _in_direction(method: Callable, direction: str) -> Callable:
-    """`method` run with the adapter's LoRA layers off when `direction` is in its `lora_off_in`."""
+    """`method` run with LoRA as `direction` uses it: off when `direction` is in the adapter's
+    `lora_off_in`, the direction's own set when the adapter has `lora_sets`."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if direction not in self.lora_off_in:
+        if direction not in self.lora_off_in and not self.lora_sets:
             return method(self, *args, **kwargs)
-        from dualfw.core.lora import adapters_off
+        from dualfw.core.lora import lora_in_direction
 
-        with adapters_off(self.lora_module()):
+        with lora_in_direction(self, direction):
             return method(self, *args, **kwargs)
 
     return call
@@ -334,7 +338,7 @@ def _in_direction(method: Callable, direction: str) -> Callable:
 
 class FrozenView:
     """An adapter seen read-only as another model: every call runs without gradients inside
-    `context()` (e.g. peft's `disable_adapter`: the initial model under LoRA), or on a frozen copy.
+    `context()` (e.g. `dualfw.core.lora.adapters_off`: the initial model under LoRA), or on a frozen copy.
 
     It offers the adapter's reading and drawing calls, so the Reference, a frozen scorer and
     `rollouts_from: initial` use it wherever they would use the adapter.

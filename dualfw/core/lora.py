@@ -1,4 +1,4 @@
-"""LoRA through peft, for both directions or for one.
+"""LoRA through peft: one set for both directions, a set for one direction, or a set for each.
 
 Adapters used by one direction: with `for_direction="t2i"` the LoRA layers are active while the
 model draws (`sample_images`, `image_logprobs`) and off while it reads (`text_logprobs`,
@@ -8,6 +8,10 @@ way round. Such adapters cannot be merged into shared weights, so an export keep
 base weights where the model's own library loads them, the adapters in `<folder>/lora/` (a peft
 adapter folder) and `<folder>/dualfw_lora.json` saying which direction uses them.
 `load_saved_lora` attaches them again when an adapter is built from that folder.
+
+A set for each direction (`LoraSpec.per_direction`): drawing calls run the "t2i" set and reading
+calls the "i2t" set, so in joint training each direction's loss trains its own set and R_G reads
+through the set the i2t direction trains. Exported apart too, each set in `<folder>/lora/<direction>`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from torch import nn
 
 from dualfw.core.errors import ConfigError
 
-LORA_FILE = "dualfw_lora.json"  # in an exported folder: {"for_direction": "t2i", "path": "lora"}
+# in an exported folder: {"for_direction": "t2i", "path": "lora"} (one direction), or
+# {"per_direction": {"t2i": "lora/t2i", "i2t": "lora/i2t"}} (a set for each)
+LORA_FILE = "dualfw_lora.json"
 DIRECTIONS = ("t2i", "i2t")
 
 
@@ -37,11 +43,15 @@ class LoraSpec:
     #: peft target_modules (names, or a regex matched against full module names); None: the
     #: adapter's declared defaults (`LMMAdapter.lora_targets`, the language model's projections)
     target_modules: list[str] | str | None = None
+    #: a separate set for each direction (drawing calls use one, reading calls the other), never
+    #: merged; needs the policy's `train: all`
+    per_direction: bool = False
 
 
 def apply_lora(adapter, spec: LoraSpec, for_direction: Literal["t2i", "i2t"] | None = None):
     """Inject LoRA layers into `adapter.lora_module()` in place; returns the PeftModel. With
-    `for_direction` the layers are off in the other direction's calls (see the module docstring)."""
+    `for_direction` the layers are off in the other direction's calls; with `spec.per_direction`
+    each direction gets its own set (see the module docstring)."""
     from peft import LoraConfig, get_peft_model
 
     if has_lora(adapter):
@@ -52,8 +62,18 @@ def apply_lora(adapter, spec: LoraSpec, for_direction: Literal["t2i", "i2t"] | N
     targets = adapter.lora_targets() if spec.target_modules is None else spec.target_modules
     targets = targets if isinstance(targets, str) else list(targets)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    if spec.per_direction and for_direction is not None:
+        raise ConfigError("model.init_args.lora.per_direction gives each direction a set: it needs model.init_args.train: all")
     module = adapter.lora_module()
     try:
+        if spec.per_direction:
+            peft_model = get_peft_model(module, config, adapter_name="t2i")
+            peft_model.add_adapter("i2t", config)
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)  # peft marks only its active set trainable
+            _set_sets(adapter, peft_model)
+            return peft_model
         peft_model = get_peft_model(module, config)
     except ValueError as err:
         names = sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)})
@@ -70,7 +90,51 @@ def _set_direction(adapter, for_direction: str | None, peft_model) -> None:
         raise ConfigError(f"LoRA for_direction must be one of {DIRECTIONS} or None, got {for_direction!r}")
     adapter.lora_off_in = frozenset(d for d in DIRECTIONS if for_direction not in (None, d))
     # a list keeps the PeftModel (which wraps the adapter's own weights) out of the module tree
-    adapter._one_direction_peft = [peft_model] if adapter.lora_off_in else []
+    adapter._split_peft = [peft_model] if adapter.lora_off_in else []
+
+
+def _set_sets(adapter, peft_model) -> None:
+    adapter.lora_sets = {d: d for d in DIRECTIONS}
+    adapter._split_peft = [peft_model]
+
+
+def is_split(adapter) -> bool:
+    """Whether `adapter` carries LoRA that cannot be merged (for one direction, or a set for each)."""
+    return bool(getattr(adapter, "_split_peft", None))
+
+
+@contextlib.contextmanager
+def lora_in_direction(adapter, direction: str) -> Iterator[None]:
+    """Run a `direction` call ("t2i" drawing, "i2t" reading) with the adapter's LoRA as that
+    direction uses it: off (`lora_off_in`), its own set (`lora_sets`), or as it is."""
+    if direction in adapter.lora_off_in:
+        with adapters_off(adapter.lora_module()):
+            yield
+    elif adapter.lora_sets:
+        with _active_set(adapter.lora_module(), adapter.lora_sets[direction]):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _active_set(module: nn.Module, name: str) -> Iterator[None]:
+    """Run with LoRA set `name` active in every layer, then restore each layer's active set and its
+    weights' requires_grad (peft's set_adapter freezes the inactive sets)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    before = [list(m.active_adapters) for m in layers]
+    flags = [(p, p.requires_grad) for m in layers for n in m.adapter_layer_names for p in getattr(m, n).parameters()]
+    for layer in layers:
+        layer.set_adapter(name)
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, before):
+            layer.set_adapter(active)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def has_lora(adapter) -> bool:
@@ -82,7 +146,8 @@ def has_lora(adapter) -> bool:
 @contextlib.contextmanager
 def adapters_off(module: nn.Module) -> Iterator[None]:
     """Run with every LoRA layer of `module` off, then restore each layer (and its weights'
-    requires_grad) as it was: nests inside peft's `disable_adapter` and itself."""
+    requires_grad) as it was (peft's own `disable_adapter` re-enables through `set_adapter`, which
+    freezes every inactive set): nests inside peft's `disable_adapter` and itself."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
@@ -99,20 +164,19 @@ def adapters_off(module: nn.Module) -> Iterator[None]:
 
 
 def save_model(adapter, folder: str | Path) -> Path:
-    """Save `adapter` where its library loads it: `save_split` when it carries LoRA for one
-    direction (applied or loaded), else `adapter.save_pretrained`."""
-    if getattr(adapter, "_one_direction_peft", None):
+    """Save `adapter` where its library loads it: `save_split` when it carries LoRA that cannot be
+    merged (applied or loaded), else `adapter.save_pretrained`."""
+    if is_split(adapter):
         return save_split(adapter, folder)
     return adapter.save_pretrained(folder)
 
 
 def save_split(adapter, folder: str | Path) -> Path:
-    """Export a model whose LoRA serves one direction: the base weights through
-    `adapter.save_pretrained` (LoRA layers taken out, then put back), the adapters beside them;
-    under FSDP2 the weights are gathered once for both."""
+    """Export a model whose LoRA serves one direction, or has a set for each: the base weights
+    through `adapter.save_pretrained` (LoRA layers taken out, then put back), the adapters beside
+    them; under FSDP2 the weights are gathered once for both."""
     folder = Path(folder)
-    (peft_model,) = adapter._one_direction_peft
-    (for_direction,) = [d for d in DIRECTIONS if d not in adapter.lora_off_in]
+    (peft_model,) = adapter._split_peft
     state_dict, writes = adapter._gathered_state_dict()  # under FSDP2 every rank calls it
     if writes:
         lora_state = None
@@ -128,7 +192,12 @@ def save_split(adapter, folder: str | Path) -> Path:
     finally:
         _put_back(lora_layers)
     if writes:
-        (folder / LORA_FILE).write_text(json.dumps({"for_direction": for_direction, "path": "lora"}) + "\n")
+        if adapter.lora_sets:  # peft writes each named set in its own subfolder
+            saved = {"per_direction": {d: f"lora/{name}" for d, name in adapter.lora_sets.items()}}
+        else:
+            (for_direction,) = [d for d in DIRECTIONS if d not in adapter.lora_off_in]
+            saved = {"for_direction": for_direction, "path": "lora"}
+        (folder / LORA_FILE).write_text(json.dumps(saved) + "\n")
     return folder
 
 
@@ -159,16 +228,28 @@ def load_saved_lora(adapter, folder: str | Path) -> None:
         return
     try:
         saved = json.loads(marker.read_text())
-        for_direction, path = saved["for_direction"], Path(folder) / saved["path"]
+        if "per_direction" in saved:
+            sets = {d: Path(folder) / saved["per_direction"][d] for d in DIRECTIONS}
+        else:
+            for_direction, path = saved["for_direction"], Path(folder) / saved["path"]
+            sets = {for_direction: path}
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"'{marker}' is not a dualfw LoRA description ({err})") from None
-    if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"'{marker}' names LoRA adapters in '{path}', which holds no adapter_config.json")
+    for path in sets.values():
+        if not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"'{marker}' names LoRA adapters in '{path}', which holds no adapter_config.json")
     from peft import PeftModel
 
     module = adapter.lora_module()
     flags = [(p, p.requires_grad) for p in module.parameters()]
-    peft_model = PeftModel.from_pretrained(module, path, is_trainable=False)  # injects the layers in place
+    if "per_direction" in saved:
+        peft_model = PeftModel.from_pretrained(module, sets["t2i"], adapter_name="t2i", is_trainable=False)
+        peft_model.load_adapter(sets["i2t"], adapter_name="i2t", is_trainable=False)
+    else:
+        peft_model = PeftModel.from_pretrained(module, path, is_trainable=False)  # injects the layers in place
     for p, flag in flags:
         p.requires_grad_(flag)
-    _set_direction(adapter, for_direction, peft_model)
+    if "per_direction" in saved:
+        _set_sets(adapter, peft_model)
+    else:
+        _set_direction(adapter, for_direction, peft_model)

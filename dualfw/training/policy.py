@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import math
 from pathlib import Path
 from typing import Literal
@@ -14,7 +16,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from dualfw.core.errors import ConfigError
 from dualfw.core.losses import PairLogps, PreferenceLoss, SimPO, chosen_nll
 from dualfw.core.interface import FrozenView, LMMAdapter
-from dualfw.core.lora import LoraSpec, apply_lora, save_model
+from dualfw.core.lora import LoraSpec, adapters_off, apply_lora, is_split, save_model
 from dualfw.training.reference import Reference
 from dualfw.training.scorer import DualScorer
 from dualfw.core.selfreward import Group, sequence_logps
@@ -33,7 +35,8 @@ class Policy(L.LightningModule):
         scorer: how samples are self-rewarded.
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
         scheduler: optional learning-rate scheduler factory (stepped every optimizer step).
-        lora: train LoRA adapters instead of all weights.
+        lora: train LoRA adapters instead of all weights (`lora.per_direction`: a set for each
+            direction, each trained by its own direction's loss).
         direction_weights: weight of each direction's loss when both are in a batch (joint).
         grad_norm_every_n_steps: log each direction's gradient norm every n steps (an extra
             backward per direction; image sequences are far longer than text, so the two can be
@@ -115,7 +118,8 @@ class Policy(L.LightningModule):
         # with adapters off. Lists keep it out of checkpoints: it is rebuilt from the config on resume.
         self._initial: list[Reference] = []
         if self.loss.needs_reference or self.scorer.frozen or rollouts_from == "initial":
-            self._initial = [Reference(self.model, self._peft[0].disable_adapter if self._peft else None)]
+            initial_view = functools.partial(adapters_off, self.model.lora_module()) if self._peft else None
+            self._initial = [Reference(self.model, initial_view)]
         initial = self._initial[0] if self._initial else None
         self.scorer.attach(initial.view if self.scorer.frozen else self.model)
         self._reference = self._initial if self.loss.needs_reference else []
@@ -345,10 +349,10 @@ class Policy(L.LightningModule):
     # ---- export -----------------------------------------------------------------------------------
     def export_pretrained(self, folder: str | Path) -> Path:
         """Save the trained policy where transformers loads it (`from_pretrained(folder)`). LoRA
-        adapters for both directions are merged into the weights first; adapters for one direction
-        are saved beside the base weights (`dualfw.core.lora.save_split`), whether trained here or
-        loaded with the initial model. The policy stays usable."""
-        if self._peft and not self.model.lora_off_in:
+        adapters shared by both directions are merged into the weights first; adapters for one
+        direction, or a set for each, are saved beside the base weights (`dualfw.core.lora.save_split`),
+        whether trained here or loaded with the initial model. The policy stays usable."""
+        if self._peft and not is_split(self.model):
             self._peft.pop().merge_and_unload()  # in place: the adapter's model now holds merged weights
         return save_model(self.model, folder)
 

@@ -22,7 +22,7 @@ class Reference(L.LightningModule):
     Args:
         model: the policy's adapter.
         initial: a context-manager factory under which `model` computes as the initial model
-            (peft's `disable_adapter`); None takes a frozen copy.
+            (`dualfw.core.lora.adapters_off`); None takes a frozen copy.
     """
 
     def __init__(self, model: LMMAdapter, initial: Callable[[], ContextManager] | None = None) -> None:
