@@ -97,6 +97,19 @@ def test_logprob_gradients_unchanged_under_activation_checkpointing(adapter):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)
 
 
+def _direction_calls(base):
+    """model -> {"t2i": its image log-probs, "i2t": its text log-probs} on fixed inputs drawn by `base`."""
+    tokens = base.sample_images(PROMPTS, k=1, seed=0)[:, 0]
+    pixels = torch.rand(2, 3, base.image_size, base.image_size, generator=torch.Generator().manual_seed(3))
+
+    def calls(model):
+        with torch.no_grad():
+            return {"t2i": model.image_logprobs(PROMPTS, tokens, guidance_scale=2.0),
+                    "i2t": model.text_logprobs(pixels, PROMPTS, "Describe this image.")[0]}
+
+    return calls
+
+
 @pytest.mark.parametrize("family", sorted(ADAPTERS))
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_lora_for_one_direction_is_off_in_the_other_and_exports_apart(family, direction, tmp_path):
@@ -113,13 +126,7 @@ def test_lora_for_one_direction_is_off_in_the_other_and_exports_apart(family, di
         for p in adapter.parameters():
             if p.requires_grad:
                 p.add_(0.1)  # LoRA away from zero
-    tokens = base.sample_images(PROMPTS, k=1, seed=0)[:, 0]
-    pixels = torch.rand(2, 3, base.image_size, base.image_size, generator=torch.Generator().manual_seed(3))
-
-    def calls(model):
-        with torch.no_grad():
-            return {"t2i": model.image_logprobs(PROMPTS, tokens, guidance_scale=2.0),
-                    "i2t": model.text_logprobs(pixels, PROMPTS, "Describe this image.")[0]}
+    calls = _direction_calls(base)
 
     trainable = [p.requires_grad for p in adapter.parameters()]
     before, trained = calls(base), calls(adapter)
@@ -176,13 +183,7 @@ def test_a_lora_set_for_each_direction_draws_and_reads_as_each_set_alone(family,
             for name, p in alone[direction].named_parameters():
                 if "lora_" in name:
                     p.copy_(mine[name])
-    tokens = base.sample_images(PROMPTS, k=1, seed=0)[:, 0]
-    pixels = torch.rand(2, 3, base.image_size, base.image_size, generator=torch.Generator().manual_seed(3))
-
-    def calls(model):
-        with torch.no_grad():
-            return {"t2i": model.image_logprobs(PROMPTS, tokens, guidance_scale=2.0),
-                    "i2t": model.text_logprobs(pixels, PROMPTS, "Describe this image.")[0]}
+    calls = _direction_calls(base)
 
     got, before = calls(both), calls(base)
     for direction in ("t2i", "i2t"):

@@ -117,22 +117,28 @@ def lora_in_direction(adapter, direction: str) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _active_set(module: nn.Module, name: str) -> Iterator[None]:
-    """Run with LoRA set `name` active in every layer, then restore each layer's active set and its
-    weights' requires_grad (peft's set_adapter freezes the inactive sets)."""
+def _active_set(module: nn.Module, name: str):
+    """Run with LoRA set `name` active in every layer, then put back each layer's active sets."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    before = [list(m.active_adapters) for m in layers]
-    flags = [(p, p.requires_grad) for m in layers for n in m.adapter_layer_names for p in getattr(m, n).parameters()]
+    before = {id(m): list(m.active_adapters) for m in layers}
+    return _switched(layers, lambda m: m.set_adapter(name), lambda m: m.set_adapter(before[id(m)]))
+
+
+@contextlib.contextmanager
+def _switched(layers: list, switch, restore) -> Iterator[None]:
+    """Run with `switch(layer)` done to each LoRA layer, then `restore(layer)`, and put back every
+    adapter weight's requires_grad (peft's set_adapter, also behind enable_adapters, freezes the
+    inactive sets and unfreezes the active one)."""
+    flags = [(p, p.requires_grad) for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
     for layer in layers:
-        layer.set_adapter(name)
+        switch(layer)
     try:
         yield
     finally:
-        for layer, active in zip(layers, before):
-            layer.set_adapter(active)
+        for layer in layers:
+            restore(layer)
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -143,24 +149,14 @@ def has_lora(adapter) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in adapter.lora_module().modules())
 
 
-@contextlib.contextmanager
-def adapters_off(module: nn.Module) -> Iterator[None]:
-    """Run with every LoRA layer of `module` off, then restore each layer (and its weights'
-    requires_grad) as it was (peft's own `disable_adapter` re-enables through `set_adapter`, which
-    freezes every inactive set): nests inside peft's `disable_adapter` and itself."""
+def adapters_off(module: nn.Module):
+    """Run with every LoRA layer of `module` off, then restore each layer and its weights'
+    requires_grad as they were (peft's own `disable_adapter` does not put back requires_grad):
+    nests inside peft's `disable_adapter` and itself."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
-    flags = [(p, p.requires_grad) for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    return _switched(layers, lambda m: m.enable_adapters(False), lambda m: m.enable_adapters(True))
 
 
 def save_model(adapter, folder: str | Path) -> Path:
