@@ -91,6 +91,14 @@ def test_batch_contrast_rewards_subtract_the_log_mean_likelihood_of_the_other_in
         contrast.image_rewards(tokens[:2], ["a red circle"] * 2)
     with pytest.raises(ConfigError, match="inputs_per_step"):
         contrast.text_rewards(image_tokens[:1], texts[:1])
+    # a weight subtracts that share of the term, on both directions
+    _, _, half = _plain_and_variant(tiny_adapter, 3, batch_contrast=0.5)
+    full_t2i, plain_t2i = contrast.image_rewards(tokens, rows), plain.image_rewards(tokens, rows)
+    assert torch.allclose(half.image_rewards(tokens, rows), plain_t2i - 0.5 * (plain_t2i - full_t2i), atol=2e-3)
+    full_i2t, plain_i2t = contrast.text_rewards(image_tokens, texts), plain.text_rewards(image_tokens, texts)
+    assert torch.allclose(half.text_rewards(image_tokens, texts), plain_i2t - 0.5 * (plain_i2t - full_i2t), atol=2e-3)
+    with pytest.raises(ConfigError, match="batch_contrast"):
+        DualScorer(batch_contrast=-1.0)
 
 
 def test_ipo_and_grpo_against_hand_computed_values():

@@ -39,6 +39,9 @@ class DualScorer(L.LightningModule):
         R_G(y) - log mean_{x' != x} pi(x' | y)       x' the batch's other prompts
         R_U(t) - log mean_{v' != v} pi(v' | t)       v' the batch's other images
 
+    A weight w in place of `True` subtracts w times that term: the plain reward credits clutter,
+    the full contrast credits sparse images (fewer objects support fewer of the other inputs).
+
     An image that supports any prompt (clutter: more objects give more words support) or a
     description that fits any image earns nothing by it (`benchmarks/shapes_rewards.py` measures
     the object-count bias of each reward). Costs one more scoring pass per other input; for R_G
@@ -51,7 +54,7 @@ class DualScorer(L.LightningModule):
             understanding template ("<|User|>: <image>\\n{instruction}\\n\\n<|Assistant|>: {prompt}").
         contrastive: use the PMI variant of both rewards.
         batch_contrast: take each reward relative to the batch's other inputs (needs >= 2 inputs
-            per step).
+            per step); a number >= 0 weighs the subtracted term (true = 1).
         score_eos: include the end-of-sequence token after the prompt in R_G.
         frozen: score with a frozen copy of the initial model instead of the current policy.
         batch_size: candidates scored per forward pass.
@@ -66,7 +69,7 @@ class DualScorer(L.LightningModule):
         score_eos: bool = False,
         frozen: bool = False,
         batch_size: int = 32,
-        batch_contrast: bool = False,
+        batch_contrast: bool | float = False,
     ) -> None:
         super().__init__()
         for key, value in (("reduction", reduction), ("i2t_reduction", i2t_reduction)):
@@ -74,7 +77,9 @@ class DualScorer(L.LightningModule):
                 raise ConfigError(f"scorer.{key} must be 'mean' or 'sum', got {value!r}")
         self.reduction, self.i2t_reduction, self.instruction = reduction, i2t_reduction, instruction
         self.contrastive, self.score_eos, self.frozen, self.batch_size = contrastive, score_eos, frozen, batch_size
-        self.batch_contrast = batch_contrast
+        if float(batch_contrast) < 0:
+            raise ConfigError(f"scorer.batch_contrast must be true, false or a weight >= 0, got {batch_contrast!r}")
+        self.batch_contrast = float(batch_contrast)  # 0: plain rewards
         self._model: list[LMMAdapter | FrozenView] = []  # a list keeps the policy's weights out of this module's state
         self._own_copy = False
 
@@ -152,7 +157,7 @@ class DualScorer(L.LightningModule):
             baseline = dict(zip(unique, self.prompt_loglik(None, unique).tolist()))
             rewards = rewards - torch.tensor([baseline[p] for p in prompts], device=rewards.device)
         if self.batch_contrast:
-            rewards = rewards - _log_mean_exp(others, "prompts", len(unique))
+            rewards = rewards - self.batch_contrast * _log_mean_exp(others, "prompts", len(unique))
         return rewards
 
     @torch.no_grad()
@@ -170,7 +175,7 @@ class DualScorer(L.LightningModule):
             others = [
                 self.image_loglik(image_tokens.roll(-s, 0).repeat_interleave(k, 0), flat).view(b, k) for s in range(1, b)
             ]
-            rewards = rewards - _log_mean_exp(others, "images", b)
+            rewards = rewards - self.batch_contrast * _log_mean_exp(others, "images", b)
         return rewards
 
 
