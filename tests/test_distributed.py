@@ -199,6 +199,24 @@ def test_fsdp2_two_ranks_drawing_only_lora_exports_apart(tmp_path):
     assert not torch.allclose(draws[0], draws[1])
 
 
+def test_fsdp2_two_ranks_a_lora_set_per_direction_trains_both_and_exports_apart(tmp_path):
+    """Joint training with a LoRA set per direction, sharded on two ranks: the gathered export holds
+    both sets apart, each moved by its direction's loss, and the base weights as they were."""
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.core.lora import LORA_FILE
+
+    _fit(tmp_path, "--trainer.max_steps=2", "--model.init_args.lora.r=4", "--model.init_args.lora.per_direction=true",
+         "--model.init_args.optimizer.init_args.lr=0.05", recipe="dual")
+    export = tmp_path / "dual" / "run" / "export"
+    assert set(json.loads((export / LORA_FILE).read_text())["per_direction"]) == {"t2i", "i2t"}
+    weights = dict(JanusAdapter(path=str(export)).named_parameters())
+    for direction in ("t2i", "i2t"):
+        assert any(float(p.abs().max()) > 0 for n, p in weights.items() if f"lora_B.{direction}." in n), direction
+    base = JanusAdapter(path="dualfw:assets/shapes_base")
+    unwrapped = {n.replace(".base_layer.", "."): p for n, p in weights.items() if "lora_" not in n}
+    assert all(torch.equal(p, unwrapped[n]) for n, p in base.named_parameters())
+
+
 def test_fsdp2_two_ranks_i2t_with_descriptions_of_different_lengths(tmp_path):
     # sampled descriptions end at different steps on the two ranks; generate must keep both
     # ranks stepping (every sharded forward is a collective) or the run hangs
