@@ -77,12 +77,12 @@ def tiny_emu3(tiny_emu3_folder):
     return Emu3Adapter(path=str(tiny_emu3_folder), image_size=64, negative_prompt="blurry, low quality").eval()
 
 
-def fit_args(tmp_path, tiny_folder, *extra):
-    """`dualfw fit` arguments for a 2-step conf/t2i.yaml run of the tiny Janus into <tmp_path>/t2i/run
-    (later arguments win: `extra` overrides any of these)."""
+def fit_args(tmp_path, tiny_folder, *extra, recipe: str = "t2i"):
+    """`dualfw fit` arguments for a 2-step conf/<recipe>.yaml run of the tiny Janus into
+    <tmp_path>/<recipe>/run (later arguments win: `extra` overrides any of these)."""
     return [
         "fit",
-        "--config", str(Path(__file__).resolve().parents[1] / "conf" / "t2i.yaml"),
+        "--config", str(Path(__file__).resolve().parents[1] / "conf" / f"{recipe}.yaml"),
         f"--model.init_args.model.init_args.path={tiny_folder}",
         "--data.init_args.inputs_per_step=2",
         "--data.init_args.k=3",
@@ -92,7 +92,13 @@ def fit_args(tmp_path, tiny_folder, *extra):
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.name=t2i",
+        f"--trainer.logger.name={recipe}",
         "--trainer.logger.version=run",
         *extra,
     ]
+
+
+def weights_by_base_name(model) -> dict:
+    """`model`'s parameters under the base model's names (peft's `base_layer` level removed), LoRA
+    weights included: compares a model that carries LoRA with one that does not."""
+    return {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}

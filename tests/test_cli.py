@@ -10,7 +10,7 @@ import torch
 
 from dualfw.cli import cli_main
 from dualfw.training.rollouts import read_rollouts
-from conftest import fit_args as _fit_args
+from conftest import fit_args as _fit_args, weights_by_base_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf" / "t2i.yaml")
@@ -175,8 +175,7 @@ def test_generation_only_training_leaves_reading_bit_identical(tmp_path, tiny_fo
     assert (export / LORA_FILE).exists() == (lora != "none")
     trained = JanusAdapter(path=str(export)).eval()
     drawing = {id(p) for m in initial.generation_modules() for p in m.parameters()}
-    weights = lambda model: {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}  # noqa: E731
-    before, after = weights(initial), weights(trained)
+    before, after = weights_by_base_name(initial), weights_by_base_name(trained)
     assert before.keys() <= after.keys()
     changed = {name for name, p in before.items() if not torch.equal(p, after[name])}
     if lora == "drawing":

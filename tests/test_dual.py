@@ -294,27 +294,21 @@ def test_a_lora_set_for_each_direction_learns_from_its_own_direction_only(tmp_pa
     trained (the t2i set from drawing losses, the i2t set from reading ones), no base weight moved,
     and the export holds both sets apart."""
     import json
-    from pathlib import Path
 
+    from conftest import fit_args, weights_by_base_name
     from dualfw.adapters.janus import JanusAdapter
     from dualfw.cli import cli_main
     from dualfw.core.lora import LORA_FILE
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "dual.yaml"
-    cli_main([
-        "fit", "--config", str(conf), f"--model.init_args.model.init_args.path={tiny_folder}",
-        "--model.init_args.lora.r=4", "--model.init_args.lora.per_direction=true",
+    cli_main(fit_args(
+        tmp_path, tiny_folder, "--model.init_args.lora.r=4", "--model.init_args.lora.per_direction=true",
         "--model.init_args.optimizer.init_args.lr=0.05", f"--data.init_args.schedule={schedule}",
-        "--data.init_args.inputs_per_step=2", "--data.init_args.k=2", "--data.init_args.text_sampling.max_new_tokens=6",
-        "--data.init_args.progress=false", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.name=dual", "--trainer.logger.version=run",
-    ])
+        "--data.init_args.k=2", "--data.init_args.text_sampling.max_new_tokens=6", recipe="dual",
+    ))
     export = tmp_path / "dual" / "run" / "export"
     assert set(json.loads((export / LORA_FILE).read_text())["per_direction"]) == {"t2i", "i2t"}
-    trained, base = JanusAdapter(path=str(export)), JanusAdapter(path=str(tiny_folder))
-    weights = dict(trained.named_parameters())
-    base_weights = {n.replace(".base_layer.", "."): p for n, p in weights.items() if "lora_" not in n}
-    assert all(torch.equal(p, base_weights[n]) for n, p in base.named_parameters())
+    weights = weights_by_base_name(JanusAdapter(path=str(export)))
+    base = JanusAdapter(path=str(tiny_folder))
+    assert all(torch.equal(p, weights[n]) for n, p in base.named_parameters())
     moved = {d: any(float(p.abs().max()) > 0 for n, p in weights.items() if f"lora_B.{d}." in n) for d in ("t2i", "i2t")}
     assert moved == {"t2i": True, "i2t": schedule == "joint"}

@@ -143,9 +143,9 @@ class LMMAdapter(nn.Module, ABC):
     #: directions ("t2i": drawing calls, "i2t": reading calls) that run with LoRA layers off
     #: (`dualfw.core.lora`, LoRA for one direction only)
     lora_off_in: frozenset[str] = frozenset()
-    #: direction -> the peft adapter set its calls use, when each direction has its own
-    #: (`LoraSpec.per_direction`); empty otherwise
-    lora_sets: dict[str, str] = {}
+    #: whether each direction's calls run a LoRA set of their own, named after the direction
+    #: (`LoraSpec.per_direction`)
+    lora_per_direction: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -322,11 +322,11 @@ _DIRECTION_OF_CALL = {"sample_images": "t2i", "image_logprobs": "t2i", "text_log
 
 def _in_direction(method: Callable, direction: str) -> Callable:
     """`method` run with LoRA as `direction` uses it: off when `direction` is in the adapter's
-    `lora_off_in`, the direction's own set when the adapter has `lora_sets`."""
+    `lora_off_in`, the direction's own set with `lora_per_direction`."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if direction not in self.lora_off_in and not self.lora_sets:
+        if direction not in self.lora_off_in and not self.lora_per_direction:
             return method(self, *args, **kwargs)
         from dualfw.core.lora import lora_in_direction
 

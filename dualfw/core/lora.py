@@ -94,7 +94,7 @@ def _set_direction(adapter, for_direction: str | None, peft_model) -> None:
 
 
 def _set_sets(adapter, peft_model) -> None:
-    adapter.lora_sets = {d: d for d in DIRECTIONS}
+    adapter.lora_per_direction = True
     adapter._split_peft = [peft_model]
 
 
@@ -106,12 +106,12 @@ def is_split(adapter) -> bool:
 @contextlib.contextmanager
 def lora_in_direction(adapter, direction: str) -> Iterator[None]:
     """Run a `direction` call ("t2i" drawing, "i2t" reading) with the adapter's LoRA as that
-    direction uses it: off (`lora_off_in`), its own set (`lora_sets`), or as it is."""
+    direction uses it: off (`lora_off_in`), its own set (`lora_per_direction`), or as it is."""
     if direction in adapter.lora_off_in:
         with adapters_off(adapter.lora_module()):
             yield
-    elif adapter.lora_sets:
-        with _active_set(adapter.lora_module(), adapter.lora_sets[direction]):
+    elif adapter.lora_per_direction:
+        with _active_set(adapter.lora_module(), direction):
             yield
     else:
         yield
@@ -188,8 +188,8 @@ def save_split(adapter, folder: str | Path) -> Path:
     finally:
         _put_back(lora_layers)
     if writes:
-        if adapter.lora_sets:  # peft writes each named set in its own subfolder
-            saved = {"per_direction": {d: f"lora/{name}" for d, name in adapter.lora_sets.items()}}
+        if adapter.lora_per_direction:  # peft writes each named set in its own subfolder
+            saved = {"per_direction": {d: f"lora/{d}" for d in DIRECTIONS}}
         else:
             (for_direction,) = [d for d in DIRECTIONS if d not in adapter.lora_off_in]
             saved = {"for_direction": for_direction, "path": "lora"}
@@ -224,11 +224,11 @@ def load_saved_lora(adapter, folder: str | Path) -> None:
         return
     try:
         saved = json.loads(marker.read_text())
-        if "per_direction" in saved:
+        per_direction = "per_direction" in saved
+        if per_direction:  # peft set name -> folder
             sets = {d: Path(folder) / saved["per_direction"][d] for d in DIRECTIONS}
         else:
-            for_direction, path = saved["for_direction"], Path(folder) / saved["path"]
-            sets = {for_direction: path}
+            for_direction, sets = saved["for_direction"], {"default": Path(folder) / saved["path"]}
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"'{marker}' is not a dualfw LoRA description ({err})") from None
     for path in sets.values():
@@ -238,14 +238,13 @@ def load_saved_lora(adapter, folder: str | Path) -> None:
 
     module = adapter.lora_module()
     flags = [(p, p.requires_grad) for p in module.parameters()]
-    if "per_direction" in saved:
-        peft_model = PeftModel.from_pretrained(module, sets["t2i"], adapter_name="t2i", is_trainable=False)
-        peft_model.load_adapter(sets["i2t"], adapter_name="i2t", is_trainable=False)
-    else:
-        peft_model = PeftModel.from_pretrained(module, path, is_trainable=False)  # injects the layers in place
+    (name, path), *others = sets.items()
+    peft_model = PeftModel.from_pretrained(module, path, adapter_name=name, is_trainable=False)  # injects in place
+    for name, path in others:
+        peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
     for p, flag in flags:
         p.requires_grad_(flag)
-    if "per_direction" in saved:
+    if per_direction:
         _set_sets(adapter, peft_model)
     else:
         _set_direction(adapter, for_direction, peft_model)
