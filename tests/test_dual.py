@@ -110,6 +110,16 @@ def test_ipo_and_grpo_against_hand_computed_values():
     adv = group_advantages(rewards)
     assert torch.allclose(adv.mean(-1), torch.zeros(2), atol=1e-6)
     assert adv[0].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)  # std of (1,2,3) is 1
+    # centred rows (-1, 0, 1) and (-1, -1, 2): rms over all six = sqrt(8 / 6)
+    assert group_advantages(rewards, "none").tolist() == [[-1.0, 0.0, 1.0], [-1.0, -1.0, 2.0]]
+    batch = group_advantages(rewards, "batch")
+    assert torch.allclose(batch, group_advantages(rewards, "none") / math.sqrt(8 / 6), atol=1e-5)
+    # a group the reward barely separates: "group" blows it up to the size of a clear one, the others do not
+    flat = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.01, 4.99]])
+    assert group_advantages(flat)[1].abs().max() == pytest.approx(1.0, abs=1e-3)
+    assert group_advantages(flat, "batch")[1].abs().max() < 0.02 * group_advantages(flat, "batch")[0].abs().max()
+    with pytest.raises(ConfigError, match="scale"):
+        GRPO(scale="std")
     # on-policy: ratio 1, so the loss is -A (+ KL); with ref = logp the k3 KL is 0
     logps = torch.tensor([[-1.0, -2.0, -3.0]])
     assert grpo_loss(logps, logps, adv[:1], logps, 0.2, 0.5).tolist()[0] == pytest.approx([1.0, 0.0, -1.0], abs=1e-5)

@@ -8,10 +8,13 @@ or a text's tokens) under the policy; |y| its length in tokens; ref is the froze
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dualfw.core.errors import ConfigError
 
 
 def simpo_loss(
@@ -46,10 +49,25 @@ def ipo_loss(
     return (h - 1 / (2 * tau)) ** 2
 
 
-def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
-    """GRPO advantages: rewards normalised within each group (row) of K samples,
-    A_i = (r_i - mean(r)) / (std(r) + eps); zero mean per group."""
-    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
+AdvantageScale = Literal["group", "batch", "none"]
+
+
+def group_advantages(rewards: Tensor, scale: AdvantageScale = "group", eps: float = 1e-6) -> Tensor:
+    """GRPO advantages for groups (rows) of K samples: rewards centred within each group, then scaled.
+
+        "group": A_i = (r_i - mean(r)) / (std(r) + eps)          each group's own std (GRPO)
+        "batch": A_i = (r_i - mean(r)) / (rms(r - mean(r)) + eps)  one scale, over every group
+        "none":  A_i = r_i - mean(r)                               (Dr. GRPO)
+
+    With "group" a group whose rewards barely differ (a reward that cannot tell its samples apart)
+    gets advantages as large as one the reward separates clearly; "batch" and "none" keep them small.
+    """
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(-1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / (centred.square().mean().sqrt() + eps)
+    return centred
 
 
 def grpo_loss(
@@ -194,14 +212,18 @@ class GRPO(PreferenceLoss):
     Args:
         clip: ratio clip range epsilon.
         kl_beta: weight of the KL to the Reference (0 drops the Reference).
+        scale: what divides the group-centred rewards (`group_advantages`): "group" (each group's
+            std, GRPO), "batch" (one scale for the step's groups on this rank) or "none" (Dr. GRPO).
     """
 
     over_groups = True
 
-    def __init__(self, clip: float = 0.2, kl_beta: float = 0.04) -> None:
-        self.clip, self.kl_beta = clip, kl_beta
+    def __init__(self, clip: float = 0.2, kl_beta: float = 0.04, scale: AdvantageScale = "group") -> None:
+        if scale not in ("group", "batch", "none"):
+            raise ConfigError(f"loss.init_args.scale must be 'group', 'batch' or 'none', got {scale!r}")
+        self.clip, self.kl_beta, self.scale = clip, kl_beta, scale
         self.needs_reference = kl_beta > 0
 
     def group_loss(self, logps: Tensor, rewards: Tensor, ref_logps: Tensor | None) -> Tensor:
         """Per-sample losses for per-token-mean log-probs and rewards, both (B, K)."""
-        return grpo_loss(logps, logps.detach(), group_advantages(rewards), ref_logps, self.clip, self.kl_beta)
+        return grpo_loss(logps, logps.detach(), group_advantages(rewards, self.scale), ref_logps, self.clip, self.kl_beta)
