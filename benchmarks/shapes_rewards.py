@@ -15,8 +15,11 @@ negatives + 1 prompts holds). Per reward it prints:
   AUC          within-prompt AUC of the reward against the strict judge
 
 Rewards: R_G (the paper); R_G relative to the other prompts (`DualScorer(batch_contrast=True)`,
-the log-mean-exp over them); R_G minus a single other prompt's R_G. The per-sample base
-accuracy and the oracle best-of-K are printed first.
+the log-mean-exp over them); R_G minus a single other prompt's R_G; R_G relative to the prompt's
+near misses (`DualScorer(near_misses=...)` with the world's words, all of them: every prompt one
+colour, shape, number or relation away, or with two such words swapped). The per-sample base accuracy and the
+oracle best-of-K are printed first; per tag, each reward's AUC and its within-prompt spread (the
+mean std of a prompt's K rewards: what GRPO's per-group normalisation divides by).
 
 Last, whether the generator listens to colour words at all (`color_conditioning`): rendered
 ground-truth scenes of each colors prompt ("a photo of a red circle"), scored by the CFG-2
@@ -40,16 +43,19 @@ from dualfw.training.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.core.pixels import to_uint8
 from dualfw.eval.runners import judge_images, within_group_auc
-from dualfw.shapes.text import TAGS, enumerate_geneval_prompts
+from dualfw.shapes.text import TAGS, enumerate_geneval_prompts, near_miss_words
 from dualfw.shapes.world import WorldConfig
 
 
 def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int):
-    """Sample and judge; returns per (prompt slot, sample): R_G for own prompt + negatives, judged
-    lenient / strict correctness, objects, and the slot's tag."""
+    """Sample and judge; returns per (prompt slot, sample): R_G for own prompt + negatives, R_G
+    relative to the prompt's near misses, judged lenient / strict correctness, objects, and the
+    slot's tag."""
     world = WorldConfig(resolution=adapter.image_size)
     detector, records = ShapesDetector(world), enumerate_geneval_prompts(world)
     every = [r["prompt"] for r in records]
+    near = DualScorer(near_misses=near_miss_words(world))
+    near.attach(adapter)
     by_tag = defaultdict(list)
     for r in records:
         by_tag[r["tag"]].append(r)
@@ -67,6 +73,7 @@ def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int)
             columns = [[r["prompt"]] + rng.sample([p for p in every if p != r["prompt"]], negatives) for r in rows]
             scores = torch.stack([scorer.prompt_loglik(flat, [c[j] for c in columns], pixels) for j in range(negatives + 1)], 1)
             out["R"].append(scores.float().cpu().numpy().reshape(len(chunk), k, negatives + 1))
+            out["near"].append(near.image_rewards(flat, [r["prompt"] for r in rows]).float().cpu().numpy().reshape(len(chunk), k))
             out["ok"].append(np.array([x.correct for x in lenient]).reshape(-1, k))
             out["strict"].append(np.array([x.correct for x in strict]).reshape(-1, k))
             out["objects"].append(np.array([x.num_objects for x in lenient]).reshape(-1, k))
@@ -155,11 +162,16 @@ def main() -> None:
     print(report("R_G", own, d))
     print(report(f"R_G vs {args.negatives} other prompts (batch_contrast)", contrast, d))
     print(report("R_G - R_G(one other prompt)", own - d["R"][..., 1], d))
-    print("\nbest-vs-worst pairs per tag (strict judge): right / wrong / objects chosen - rejected")
+    near = d["near"]
+    print(report("R_G vs the prompt's near misses", near, d))
+    print("\nper tag (strict judge): best-vs-worst pairs right / wrong / objects chosen - rejected; AUC; within-prompt spread")
     for tag in TAGS:
         mask = d["tag"] == tag
         sub = {key: value[mask] for key, value in d.items()}
-        print(f"  {tag:14s} R_G {pair_stats(own[mask], sub)}   batch_contrast {pair_stats(contrast[mask], sub)}")
+        print(f"  {tag:14s}", "   ".join(
+            f"{name} {pair_stats(r[mask], sub)}, {within_group_auc(r[mask], sub['strict']):.2f}, {r[mask].std(1).mean():.3f}"
+            for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near))
+        ))
     gain, top = color_conditioning(adapter, seed=args.seed)
     print(f"colour conditioning of the generator: own colour's prompt {gain:+.3f} nats per image above the "
           f"six colours' mean; the most likely for {top:.2f} of scenes (chance 0.17)")

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import GenerationConfig
 from dualfw.core.errors import ConfigError, MissingFileError
 from dualfw.core.losses import GRPO, group_advantages, grpo_loss, ipo_loss
 from dualfw.core.interface import TextSampling
-from dualfw.training.scorer import DualScorer
+from dualfw.training.scorer import DualScorer, near_miss_prompts
 
 PIXELS_SEED = 5
 
@@ -99,6 +100,55 @@ def test_batch_contrast_rewards_subtract_the_log_mean_likelihood_of_the_other_in
     assert torch.allclose(half.text_rewards(image_tokens, texts), plain_i2t - 0.5 * (plain_i2t - full_i2t), atol=2e-3)
     with pytest.raises(ConfigError, match="batch_contrast"):
         DualScorer(batch_contrast=-1.0)
+
+
+def test_near_miss_prompts_replace_one_word_or_swap_two():
+    groups = [["red", "blue", "orange"], ["circle", "square"], ["left of", "above"]]
+    assert near_miss_prompts("a red circle left of a square", groups) == [
+        "a blue circle left of a square",
+        "an orange circle left of a square",
+        "a red square left of a square",
+        "a red circle above a square",
+        "a red circle left of a circle",
+        "a red square left of a circle",  # the two shapes swapped
+    ]
+    # whole words only ("reddish" is not "red"), articles follow the word, nothing repeated
+    assert near_miss_prompts("an orange circle and a reddish circle", groups) == [
+        "a red circle and a reddish circle",
+        "a blue circle and a reddish circle",
+        "an orange square and a reddish circle",
+        "an orange circle and a reddish square",
+    ]
+    assert near_miss_prompts("a dog", groups) == []
+
+
+def test_near_miss_rewards_subtract_the_log_mean_likelihood_of_the_near_misses(tiny_adapter):
+    groups = [["red", "blue", "green"], ["circle", "square", "triangle"]]
+    image_tokens, plain, near = _plain_and_variant(tiny_adapter, 2, near_misses=groups, near_miss_limit=3)
+    prompts = ["a red circle", "a red circle", "a dog", "a dog"]
+    tokens = image_tokens[[0, 1, 0, 1]]
+    misses = near_miss_prompts("a red circle", groups)  # 4 near misses; 3 a step, cycling
+    for call, chosen in enumerate([misses[:3], [misses[3], misses[0], misses[1]]]):
+        got = near.image_rewards(tokens, prompts)
+        for j in range(2):
+            scores = torch.stack([plain.prompt_loglik(tokens[j : j + 1], [m])[0] for m in chosen])
+            expected = plain.prompt_loglik(tokens[j : j + 1], [prompts[j]])[0] - scores.exp().mean().log()
+            assert torch.allclose(got[j], expected, atol=2e-3), (call, j)
+        # a prompt without near misses keeps R_G
+        assert torch.allclose(got[2:], plain.image_rewards(tokens[2:], prompts[2:]), atol=2e-3)
+    with pytest.raises(ConfigError, match=r"near_misses\[1\]"):
+        DualScorer(near_misses=[["red", "blue"], ["circle"]])
+    with pytest.raises(ConfigError, match="near_miss_limit"):
+        DualScorer(near_misses=groups, near_miss_limit=-1)
+
+
+def test_the_shapes_near_miss_overlay_holds_the_worlds_words():
+    from omegaconf import OmegaConf
+
+    from dualfw.shapes.text import near_miss_words
+
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "shapes" / "near_misses.yaml")
+    assert OmegaConf.to_container(conf.model.init_args.scorer.init_args.near_misses) == near_miss_words()
 
 
 def test_ipo_and_grpo_against_hand_computed_values():
@@ -249,7 +299,6 @@ def test_alternate_schedule():
 def test_joint_fit_end_to_end_counts_a_corrupt_image(tmp_path, tiny_folder):
     import csv
     import shutil
-    from pathlib import Path
 
     from dualfw.cli import cli_main
     from dualfw.core.files import resolve_path

@@ -147,6 +147,12 @@ def enumerate_geneval_prompts(world: WorldConfig = DEFAULT_WORLD, tags: Sequence
 # ---------------------------------------------------------------------------------------------
 
 
+def near_miss_words(world: WorldConfig = DEFAULT_WORLD) -> list[list[str]]:
+    """The world's interchangeable words, for `DualScorer(near_misses=...)`: its colours, shapes,
+    plural shapes, the counting prompts' numbers and the relations (conf/shapes/near_misses.yaml)."""
+    return [list(world.colors), list(world.shapes), [make_plural(s) for s in world.shapes], list(NUMBERS[2:5]), list(RELATIONS)]
+
+
 def location_phrase(obj: ShapeObject, resolution: int) -> str:
     """Where an object sits in the image, by thirds: "at the top left", "on the right", "in the center"."""
     cx, cy = obj.center

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Literal
 
 import lightning as L
@@ -42,6 +43,14 @@ class DualScorer(L.LightningModule):
     A weight w in place of `True` subtracts w times that term: the plain reward credits clutter,
     the full contrast credits sparse images (fewer objects support fewer of the other inputs).
 
+    With `near_misses` (groups of interchangeable words) R_G is taken relative to the prompt's near
+    misses, the prompts one word away (`near_miss_prompts`):
+
+        R_G(y) - log mean_{x' ~ x} pi(x' | y)        x' "a blue circle", "a red square" for "a red circle"
+
+    so an image earns only what tells its prompt from a prompt it could be confused with; an image
+    that hedges (a red and a blue circle) supports both. A prompt without near misses keeps R_G.
+
     An image that supports any prompt (clutter: more objects give more words support) or a
     description that fits any image earns nothing by it (`benchmarks/shapes_rewards.py` measures
     the object-count bias of each reward). Costs one more scoring pass per other input; for R_G
@@ -58,6 +67,10 @@ class DualScorer(L.LightningModule):
         score_eos: include the end-of-sequence token after the prompt in R_G.
         frozen: score with a frozen copy of the initial model instead of the current policy.
         batch_size: candidates scored per forward pass.
+        near_misses: groups of interchangeable words or phrases (e.g. colours, object names,
+            numbers, relations); empty: no near-miss contrast.
+        near_miss_limit: score at most this many near misses per prompt and step (0: all), the
+            same ones for each of a prompt's samples, cycling through them from step to step.
     """
 
     def __init__(
@@ -70,6 +83,8 @@ class DualScorer(L.LightningModule):
         frozen: bool = False,
         batch_size: int = 32,
         batch_contrast: bool | float = False,
+        near_misses: list[list[str]] | None = None,
+        near_miss_limit: int = 0,
     ) -> None:
         super().__init__()
         for key, value in (("reduction", reduction), ("i2t_reduction", i2t_reduction)):
@@ -80,6 +95,14 @@ class DualScorer(L.LightningModule):
         if float(batch_contrast) < 0:
             raise ConfigError(f"scorer.batch_contrast must be true, false or a weight >= 0, got {batch_contrast!r}")
         self.batch_contrast = float(batch_contrast)  # 0: plain rewards
+        self.near_misses = [list(group) for group in near_misses or []]
+        for i, group in enumerate(self.near_misses):
+            if len(set(group)) < 2 or not all(isinstance(w, str) and w.strip() for w in group):
+                raise ConfigError(f"scorer.near_misses[{i}] must hold at least two distinct non-empty words, got {group!r}")
+        if near_miss_limit < 0:
+            raise ConfigError(f"scorer.near_miss_limit must be >= 0, got {near_miss_limit}")
+        self.near_miss_limit = near_miss_limit
+        self._near_miss_calls = 0
         self._model: list[LMMAdapter | FrozenView] = []  # a list keeps the policy's weights out of this module's state
         self._own_copy = False
 
@@ -136,12 +159,13 @@ class DualScorer(L.LightningModule):
         return self._image_rewards(tokens, prompts)
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
+        unique = sorted(set(prompts))
+        pixels = None
+        if (self.batch_contrast or self.near_misses) and self.model.reads_pixels:
+            # decoded once (in scoring-sized chunks), read with every prompt
+            pixels = torch.cat([self.model.decode_images(tokens[part]) for part in self._chunks(len(tokens))])
         if self.batch_contrast:
-            unique = sorted(set(prompts))
             index = [unique.index(p) for p in prompts]
-            pixels = None
-            if self.model.reads_pixels:  # decoded once (in scoring-sized chunks), read with every prompt
-                pixels = torch.cat([self.model.decode_images(tokens[part]) for part in self._chunks(len(tokens))])
             # each image with its own prompt (shift 0), then every other prompt of the batch once,
             # image-major: a scoring batch holds an image's prompts together, and an adapter that
             # sees an image repeated reads it once for all of them
@@ -158,7 +182,27 @@ class DualScorer(L.LightningModule):
             rewards = rewards - torch.tensor([baseline[p] for p in prompts], device=rewards.device)
         if self.batch_contrast:
             rewards = rewards - self.batch_contrast * _log_mean_exp(others, "prompts", len(unique))
+        if self.near_misses:
+            rewards = rewards - self._near_miss_term(tokens, prompts, unique, pixels)
         return rewards
+
+    def _near_miss_term(self, tokens: Tensor, prompts: list[str], unique: list[str], pixels: Tensor | None) -> Tensor:
+        """log mean_{x' ~ x} pi(x' | y) per image (0 for a prompt without near misses)."""
+        misses = {}
+        for p in unique:
+            every = near_miss_prompts(p, self.near_misses)
+            n = self.near_miss_limit
+            if n and len(every) > n:
+                start = self._near_miss_calls * n
+                every = [every[(start + j) % len(every)] for j in range(n)]
+            misses[p] = every
+        self._near_miss_calls += 1
+        read = [m for p in prompts for m in misses[p]]  # image-major, as for batch_contrast
+        if not read:
+            return torch.zeros(len(prompts), device=tokens.device)
+        rows = torch.tensor([i for i, p in enumerate(prompts) for _ in misses[p]], device=tokens.device)
+        scores = self.prompt_loglik(tokens, read, pixels, rows).split([len(misses[p]) for p in prompts])
+        return torch.stack([s.logsumexp(0) - math.log(len(s)) if len(s) else s.new_zeros(()) for s in scores])
 
     @torch.no_grad()
     def text_rewards(self, image_tokens: Tensor, texts: list[list[str]]) -> Tensor:
@@ -177,6 +221,32 @@ class DualScorer(L.LightningModule):
             ]
             rewards = rewards - self.batch_contrast * _log_mean_exp(others, "images", b)
         return rewards
+
+
+def near_miss_prompts(prompt: str, groups: list[list[str]]) -> list[str]:
+    """The prompts one word away from `prompt`: each word (or phrase) of a group replaced by every
+    other of its group, then each two different words of one group swapped ("a red circle and a
+    blue square" -> "a blue circle and a red square"); "a"/"an" follow the new word. Words match
+    whole, longest first; the result holds neither `prompt` nor repeats."""
+    group_of = {w: g for g in groups for w in g}
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(group_of, key=len, reverse=True)) + r")\b")
+    spans = [(m.start(), m.end(), m.group(0)) for m in pattern.finditer(prompt)]
+    edits = [[(a, b, other)] for a, b, w in spans for other in group_of[w] if other != w]
+    edits += [
+        [(a1, b1, w2), (a2, b2, w1)]
+        for i, (a1, b1, w1) in enumerate(spans)
+        for a2, b2, w2 in spans[i + 1 :]
+        if w1 != w2 and group_of[w1] is group_of[w2]
+    ]
+    out: list[str] = []
+    for edit in edits:
+        text = prompt
+        for a, b, w in sorted(edit, reverse=True):
+            text = text[:a] + w + text[b:]
+        text = re.sub(r"\b(a|an) (?=(\w))", lambda m: ("an " if m.group(2).lower() in "aeiou" else "a "), text)
+        if text != prompt and text not in out:
+            out.append(text)
+    return out
 
 
 def _log_mean_exp(values: list[Tensor], what: str, n: int) -> Tensor:
