@@ -70,7 +70,8 @@ class DualScorer(L.LightningModule):
         near_misses: groups of interchangeable words or phrases (e.g. colours, object names,
             numbers, relations); empty: no near-miss contrast.
         near_miss_limit: score at most this many near misses per prompt and step (0: all), the
-            same ones for each of a prompt's samples, cycling through them from step to step.
+            same ones for each of a prompt's samples, cycling through them from step to step (a
+            resumed run starts the cycle again).
     """
 
     def __init__(
