@@ -17,6 +17,7 @@ from dualfw.shapes.world import DEFAULT_WORLD, RELATIONS, Scene, ShapeObject, Wo
 
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+COUNTS: tuple[int, ...] = (2, 3, 4)  # the numbers counting prompts ask for (the official generator's)
 PREFIX = "a photo of "
 
 
@@ -83,7 +84,7 @@ def _draw(tag: str, rng: np.random.Generator, shapes: Sequence[str], colors: Seq
         return two_object_record(shapes[ia], shapes[ib])
     if tag == "counting":
         ia = rng.choice(len(shapes))
-        n = int(rng.integers(2, 4, endpoint=True))
+        n = int(rng.integers(COUNTS[0], COUNTS[-1], endpoint=True))
         return counting_record(shapes[ia], n)
     if tag == "colors":
         ia = rng.choice(len(shapes))
@@ -132,7 +133,7 @@ def enumerate_geneval_prompts(world: WorldConfig = DEFAULT_WORLD, tags: Sequence
     by_tag = {
         "single_object": [single_object_record(a) for a in s],
         "two_object": [two_object_record(a, b) for a, b in pairs],
-        "counting": [counting_record(a, n) for a in s for n in (2, 3, 4)],
+        "counting": [counting_record(a, n) for a in s for n in COUNTS],
         "colors": [color_record(a, col) for a in s for col in c],
         "position": [position_record(a, rel, b) for a, b in pairs for rel in RELATIONS],
         "color_attr": [
@@ -150,7 +151,7 @@ def enumerate_geneval_prompts(world: WorldConfig = DEFAULT_WORLD, tags: Sequence
 def near_miss_words(world: WorldConfig = DEFAULT_WORLD) -> list[list[str]]:
     """The world's interchangeable words, for `DualScorer(near_misses=...)`: its colours, shapes,
     plural shapes, the counting prompts' numbers and the relations (conf/shapes/near_misses.yaml)."""
-    return [list(world.colors), list(world.shapes), [make_plural(s) for s in world.shapes], list(NUMBERS[2:5]), list(RELATIONS)]
+    return [list(world.colors), list(world.shapes), [make_plural(s) for s in world.shapes], [NUMBERS[n] for n in COUNTS], list(RELATIONS)]
 
 
 def location_phrase(obj: ShapeObject, resolution: int) -> str:
