@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -166,6 +167,10 @@ class Policy(L.LightningModule):
     def on_fit_start(self) -> None:
         self._on_stage_start()
         self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
+        # both deliberate: frozen parts (reference, live scorer's copy, unused tower) stay in eval mode,
+        # and a step whose inputs all lack a pair returns None (counted as data/skipped_inputs)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        warnings.filterwarnings("ignore", message="`training_step` returned `None`")
 
     # ---- the loss of one direction -----------------------------------------------------------------
     def direction_loss(self, group: Group) -> tuple[torch.Tensor | None, dict]:
