@@ -167,7 +167,7 @@ class Policy(L.LightningModule):
     def on_fit_start(self) -> None:
         self._on_stage_start()
         self.model.train()  # checkpoints load in eval mode; the adapter keeps its frozen parts in eval
-        # both deliberate: frozen parts (reference, live scorer's copy, unused tower) stay in eval mode,
+        # both deliberate: the parts the adapter, scorer and reference keep frozen stay in eval mode,
         # and a step whose inputs all lack a pair returns None (counted as data/skipped_inputs)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         warnings.filterwarnings("ignore", message="`training_step` returned `None`")
