@@ -185,25 +185,6 @@ def test_understanding_loss_matches_the_adapter_log_probs():
         ShapesSFT(adapter, stage="lm", understanding_mean="sentence")
 
 
-def test_read_decoded_shows_the_reader_vq_reconstructions():
-    """`read_decoded` replaces that share of the reader's images by encode -> decode through the
-    model's VQ (what R_G reads when it scores drawn images); 0 leaves every image as rendered."""
-    adapter = JanusAdapter(tiny=SPEC).eval()
-    pixels = ShapesDataModule(stage="lm", batch_size=6, t2i_batch_size=0, seed=0).make_batch(0, 0)["u_pixels"]
-    with torch.no_grad():
-        decoded = adapter.decode_images(adapter.encode_images(pixels))
-    assert not torch.allclose(decoded, pixels, atol=0.05)
-    assert torch.equal(ShapesSFT(adapter, stage="lm")._as_read(pixels), pixels)
-    assert torch.allclose(ShapesSFT(adapter, stage="lm", read_decoded=1.0)._as_read(pixels), decoded)
-    mixed = ShapesSFT(adapter, stage="lm", read_decoded=0.5)._as_read(pixels, torch.Generator().manual_seed(1))
-    chosen = torch.rand(6, generator=torch.Generator().manual_seed(1)) < 0.5
-    assert 0 < chosen.sum() < 6
-    for i in range(6):
-        assert torch.allclose(mixed[i], decoded[i] if chosen[i] else pixels[i])
-    with pytest.raises(ConfigError, match="read_decoded"):
-        ShapesSFT(adapter, stage="lm", read_decoded=1.5)
-
-
 def test_t2i_loss_drops_prompts_to_the_cfg_unconditional_input(stepwise_logprobs):
     """The drawing loss is the mean token NLL, each dropped prompt replaced by the input CFG uses
     for it (BOS, pads, begin-of-image), checked one position at a time without cache or batching."""

@@ -213,31 +213,17 @@ class GRPO(PreferenceLoss):
         clip: ratio clip range epsilon.
         kl_beta: weight of the KL to the Reference (0 drops the Reference).
         scale: what divides the group-centred rewards (`group_advantages`): "group" (each group's
-            std, GRPO), "batch" (one scale for the step's groups on this rank), "none" (Dr. GRPO),
-            or "running": an average of the steps' "batch" scales (`momentum`), so a step whose
-            groups the reward cannot separate keeps small advantages too.
-        momentum: the running scale's decay per step.
+            std, GRPO), "batch" (one scale for the step's groups on this rank) or "none" (Dr. GRPO).
     """
 
     over_groups = True
 
-    def __init__(
-        self, clip: float = 0.2, kl_beta: float = 0.04, scale: AdvantageScale | Literal["running"] = "group", momentum: float = 0.9
-    ) -> None:
-        if scale not in ("group", "batch", "none", "running"):
-            raise ConfigError(f"loss.init_args.scale must be 'group', 'batch', 'none' or 'running', got {scale!r}")
-        self.clip, self.kl_beta, self.scale, self.momentum = clip, kl_beta, scale, momentum
-        self.running_scale: float | None = None
+    def __init__(self, clip: float = 0.2, kl_beta: float = 0.04, scale: AdvantageScale = "group") -> None:
+        if scale not in ("group", "batch", "none"):
+            raise ConfigError(f"loss.init_args.scale must be 'group', 'batch' or 'none', got {scale!r}")
+        self.clip, self.kl_beta, self.scale = clip, kl_beta, scale
         self.needs_reference = kl_beta > 0
 
     def group_loss(self, logps: Tensor, rewards: Tensor, ref_logps: Tensor | None) -> Tensor:
         """Per-sample losses for per-token-mean log-probs and rewards, both (B, K)."""
-        if self.scale != "running":
-            advantages = group_advantages(rewards, self.scale)
-        else:
-            centred = group_advantages(rewards, "none")
-            step = float(centred.square().mean().sqrt())
-            last = self.running_scale
-            self.running_scale = step if last is None else self.momentum * last + (1 - self.momentum) * step
-            advantages = centred / (self.running_scale + 1e-6)
-        return grpo_loss(logps, logps.detach(), advantages, ref_logps, self.clip, self.kl_beta)
+        return grpo_loss(logps, logps.detach(), group_advantages(rewards, self.scale), ref_logps, self.clip, self.kl_beta)

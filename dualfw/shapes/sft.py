@@ -231,9 +231,6 @@ class ShapesSFT(L.LightningModule):
             instead of its weights, so the reader learns further while drawing stays exactly the
             model's (`dualfw.core.lora`; the export keeps them apart). Pair it with an
             understanding-only stage (data `t2i_batch_size: 0`): a drawing loss would train nothing.
-        read_decoded: stage "lm": the share of understanding images the reader sees through the VQ
-            tokenizer (encoded, then decoded), as it sees the images the model draws when R_G scores
-            them; the rest it sees as rendered (as POPE-style questions show them).
     """
 
     def __init__(
@@ -253,7 +250,6 @@ class ShapesSFT(L.LightningModule):
         export_dir: str | None = None,
         vq_from: str | None = None,
         reading_lora: LoraSpec | None = None,
-        read_decoded: float = 0.0,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -265,9 +261,6 @@ class ShapesSFT(L.LightningModule):
         if understanding_mean not in ("token", "example"):
             raise ConfigError(f"model.init_args.understanding_mean must be 'token' or 'example', got {understanding_mean!r}")
         self.understanding_mean = understanding_mean
-        if not 0.0 <= read_decoded <= 1.0:
-            raise ConfigError(f"model.init_args.read_decoded must be in [0, 1], got {read_decoded}")
-        self.read_decoded = read_decoded
         self.model, self.stage = model, stage
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.vq_beta, self.restart_every = vq_beta, restart_every
@@ -405,19 +398,6 @@ class ShapesSFT(L.LightningModule):
             stats["lm/yes_no_acc"] = (said_yes == truth).float().mean()
         return loss, stats
 
-    @torch.no_grad()
-    def _as_read(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """`pixels` with a `read_decoded` share of the images replaced by their VQ reconstruction."""
-        if not self.read_decoded:
-            return pixels
-        rows = (torch.rand(len(pixels), generator=generator) < self.read_decoded).nonzero().squeeze(-1)
-        if not len(rows):
-            return pixels
-        pixels = pixels.clone()
-        decoded = self.model.decode_images(self.model.encode_images(pixels[rows]))
-        pixels[rows] = decoded.to(pixels.device, pixels.dtype)
-        return pixels
-
     def t2i_loss(self, pixels: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
         """`t2i_token_loss` of the images' VQ tokens."""
         with torch.no_grad():
@@ -441,7 +421,7 @@ class ShapesSFT(L.LightningModule):
             return self.vq_forward(batch["pixels"])
         if "prompts" not in batch:
             raise ConfigError("stage 'lm' needs text batches: set data.init_args.stage: lm")
-        u, stats = self.understanding_loss(self._as_read(batch["u_pixels"], generator), batch["instructions"], batch["answers"])
+        u, stats = self.understanding_loss(batch["u_pixels"], batch["instructions"], batch["answers"])
         if batch["prompts"]:
             g = self.t2i_loss(batch["g_pixels"], batch["prompts"], generator)
         else:  # an understanding-only stage
