@@ -204,6 +204,43 @@ def test_grpo_gradient_raises_the_best_sample(tiny_folder):
     assert change[0] > 0 and change[1] < 0 and change[0] > change[2] > change[1]
 
 
+@pytest.mark.parametrize("guided", [False, True])
+def test_grpo_on_the_initial_model_samples_takes_its_ratio_against_the_initial_model(tiny_folder, guided):
+    # samples drawn by the frozen initial model: the ratio pi / pi_initial is an importance weight
+    # and its clip a trust region around the initial model; drawn by the policy, the ratio is 1
+    from dualfw.core.interface import ImageSampling
+    from dualfw.adapters.janus import JanusAdapter
+    from dualfw.training.policy import Policy
+    from dualfw.core.selfreward import Group, select_pairs, sequence_logps
+
+    base = JanusAdapter(path=str(tiny_folder))
+    prompts = ["a red circle", "a blue square"]
+    tokens = base.sample_images(prompts, k=3, sampling=ImageSampling(), seed=0)
+    rewards = torch.tensor([[3.0, 1.0, 2.0], [0.0, 2.0, 1.0]])
+    group = Group("t2i", rewards, select_pairs(rewards), prompts=prompts, image_tokens=tokens)
+    samples = torch.tensor([[i, j] for i in range(2) for j in range(3)])
+    with torch.no_grad():
+        initial, lengths = sequence_logps(base, group, samples, guided)
+    for rollouts_from in ("initial", "policy"):
+        policy = Policy(JanusAdapter(path=str(tiny_folder)), loss=GRPO(clip=0.02, kl_beta=0.0, scale="none"),
+                        rollouts_from=rollouts_from, guided_logps=guided)
+        with torch.no_grad():
+            for p in policy.model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            moved, _ = sequence_logps(policy.model, group, samples, guided)
+        loss, stats = policy.direction_loss(group)
+        per_token = (moved / lengths).view(2, 3)
+        old = (initial / lengths).view(2, 3) if rollouts_from == "initial" else per_token
+        expected = grpo_loss(per_token, old, group_advantages(rewards, "none"), None, 0.02, 0.0).mean()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+        if rollouts_from == "initial":
+            ratio = torch.exp(per_token - old)
+            assert not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)  # the policy did move
+            assert stats["ratio_outside_clip"].item() == pytest.approx(((ratio - 1).abs() > 0.02).float().mean().item())
+        else:
+            assert loss.item() == pytest.approx(0.0, abs=1e-6) and "ratio_outside_clip" not in stats  # -mean(A) = 0
+
+
 def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_folder):
     from dualfw.core.losses import DPO
     from dualfw.adapters.janus import JanusAdapter

@@ -206,8 +206,12 @@ class ChosenNLL(PreferenceLoss):
 class GRPO(PreferenceLoss):
     """GRPO over the K samples of each input (group-normalised self-rewards as advantages).
 
-    One update per rollout, so logp_old is the detached current log-prob: the ratio is 1 in value
-    and the clip only matters if a rollout is reused.
+    logp_old is the log-prob under the model that drew the samples. Drawn by the policy (one update
+    per rollout) it is the detached current log-prob: the ratio is 1 in value and the clip only
+    matters if a rollout is reused. Drawn by the frozen initial model (`Policy(rollouts_from=
+    "initial")`) it is the initial model's: the ratio is then the importance weight of an off-policy
+    sample, and the clip stops each sample's likelihood once it has moved 1 +- clip from the initial
+    model's, a trust region around the model whose samples the reward was measured on.
 
     Args:
         clip: ratio clip range epsilon.
@@ -224,6 +228,10 @@ class GRPO(PreferenceLoss):
         self.clip, self.kl_beta, self.scale = clip, kl_beta, scale
         self.needs_reference = kl_beta > 0
 
-    def group_loss(self, logps: Tensor, rewards: Tensor, ref_logps: Tensor | None) -> Tensor:
-        """Per-sample losses for per-token-mean log-probs and rewards, both (B, K)."""
-        return grpo_loss(logps, logps.detach(), group_advantages(rewards, self.scale), ref_logps, self.clip, self.kl_beta)
+    def group_loss(
+        self, logps: Tensor, rewards: Tensor, ref_logps: Tensor | None, old_logps: Tensor | None = None
+    ) -> Tensor:
+        """Per-sample losses for per-token-mean log-probs and rewards, all (B, K); `old_logps` those
+        of the model that drew the samples when it is not the policy itself."""
+        old = logps.detach() if old_logps is None else old_logps
+        return grpo_loss(logps, old, group_advantages(rewards, self.scale), ref_logps, self.clip, self.kl_beta)

@@ -58,6 +58,7 @@ class Policy(L.LightningModule):
             image grids are then the initial model's samples; the grids add a row of the policy's).
             Learning the policy's own samples feeds back (each step sharpens the distribution the
             next samples come from); fixed samples do not, which matters at large learning rates.
+            GRPO then takes its ratio against the initial model, which drew the samples.
         train: which weights learn. "all": every trainable weight (or the LoRA adapters).
             "generation": only what draws: without `lora`, the modules the model draws with and
             never reads with (`LMMAdapter.generation_modules`); with `lora`, LoRA adapters on the
@@ -226,12 +227,17 @@ class Policy(L.LightningModule):
         samples = torch.stack([rows.repeat_interleave(k), torch.arange(k, device=rows.device).repeat(len(rows))], 1)
         logps, lengths = sequence_logps(self.model, group, samples, self.guided_logps)
         per_token = (logps / lengths).view(len(rows), k)
-        ref = None
-        if self.reference is not None:
-            ref_logps, _ = self.reference.sequence_logps(group, samples, self.guided_logps)
-            ref = (ref_logps / lengths).view(len(rows), k)
-        loss = self.loss.group_loss(per_token, group.rewards[rows].float(), ref).mean()
+        initial = None
+        if self.reference is not None or self._sampler:
+            initial_logps, _ = self._initial[0].sequence_logps(group, samples, self.guided_logps)
+            initial = (initial_logps / lengths).view(len(rows), k)
+        ref = initial if self.reference is not None else None
+        old = initial if self._sampler else None  # drawn by the initial model: the ratio is taken against it
+        loss = self.loss.group_loss(per_token, group.rewards[rows].float(), ref, old).mean()
         stats.update({"loss": loss.detach(), "logp_mean": per_token.mean().detach()})
+        if old is not None:
+            ratio = torch.exp(per_token.detach() - old)
+            stats["ratio_outside_clip"] = ((ratio - 1).abs() > getattr(self.loss, "clip", math.inf)).float().mean()
         return loss, stats
 
     def _idle_loss(self, group: Group) -> torch.Tensor | None:
