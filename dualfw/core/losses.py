@@ -210,8 +210,8 @@ class GRPO(PreferenceLoss):
     per rollout) it is the detached current log-prob: the ratio is 1 in value and the clip only
     matters if a rollout is reused. Drawn by the frozen initial model (`Policy(rollouts_from=
     "initial")`) it is the initial model's: the ratio is then the importance weight of an off-policy
-    sample, and the clip stops each sample's likelihood once it has moved 1 +- clip from the initial
-    model's, a trust region around the model whose samples the reward was measured on.
+    sample, and the clip stops pushing a sample once its per-token likelihood ratio to the initial
+    model leaves 1 +- clip: a trust region around the model whose samples the reward was measured on.
 
     Args:
         clip: ratio clip range epsilon.
