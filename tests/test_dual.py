@@ -140,6 +140,14 @@ def test_near_miss_rewards_subtract_the_log_mean_likelihood_of_the_near_misses(t
         DualScorer(near_misses=[["red", "blue"], ["circle"]])
     with pytest.raises(ConfigError, match="near_miss_limit"):
         DualScorer(near_misses=groups, near_miss_limit=-1)
+    # a weight subtracts that share of the term (limit 0: every near miss, the same on each call)
+    _, _, full = _plain_and_variant(tiny_adapter, 2, near_misses=groups)
+    _, _, part = _plain_and_variant(tiny_adapter, 2, near_misses=groups, near_miss_weight=0.25)
+    plain_t2i, full_t2i = plain.image_rewards(tokens, prompts), full.image_rewards(tokens, prompts)
+    assert not torch.allclose(plain_t2i[:2], full_t2i[:2], atol=1e-2)
+    assert torch.allclose(part.image_rewards(tokens, prompts), plain_t2i - 0.25 * (plain_t2i - full_t2i), atol=2e-3)
+    with pytest.raises(ConfigError, match="near_miss_weight"):
+        DualScorer(near_misses=groups, near_miss_weight=-0.5)
 
 
 def test_the_shapes_near_miss_overlay_holds_the_worlds_words():

@@ -50,6 +50,9 @@ class DualScorer(L.LightningModule):
 
     so an image earns only what tells its prompt from a prompt it could be confused with; an image
     that hedges (a red and a blue circle) supports both. A prompt without near misses keeps R_G.
+    `near_miss_weight` w subtracts w times that term: between plain R_G (w = 0), which credits
+    every object that supports the prompt, and the full contrast (w = 1), which credits only what
+    tells the prompt apart.
 
     An image that supports any prompt (clutter: more objects give more words support) or a
     description that fits any image earns nothing by it (`benchmarks/shapes_rewards.py` measures
@@ -72,6 +75,7 @@ class DualScorer(L.LightningModule):
         near_miss_limit: score at most this many near misses per prompt and step (0: all), the
             same ones for each of a prompt's samples, cycling through them from step to step (a
             resumed run starts the cycle again).
+        near_miss_weight: the share of the near-miss term subtracted (1: the full contrast).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class DualScorer(L.LightningModule):
         batch_contrast: bool | float = False,
         near_misses: list[list[str]] | None = None,
         near_miss_limit: int = 0,
+        near_miss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         for key, value in (("reduction", reduction), ("i2t_reduction", i2t_reduction)):
@@ -103,6 +108,9 @@ class DualScorer(L.LightningModule):
         if near_miss_limit < 0:
             raise ConfigError(f"scorer.near_miss_limit must be >= 0, got {near_miss_limit}")
         self.near_miss_limit = near_miss_limit
+        if near_miss_weight < 0:
+            raise ConfigError(f"scorer.near_miss_weight must be >= 0, got {near_miss_weight}")
+        self.near_miss_weight = float(near_miss_weight)
         self._near_miss_calls = 0
         self._model: list[LMMAdapter | FrozenView] = []  # a list keeps the policy's weights out of this module's state
         self._own_copy = False
@@ -183,8 +191,8 @@ class DualScorer(L.LightningModule):
             rewards = rewards - torch.tensor([baseline[p] for p in prompts], device=rewards.device)
         if self.batch_contrast:
             rewards = rewards - self.batch_contrast * _log_mean_exp(others, "prompts", len(unique))
-        if self.near_misses:
-            rewards = rewards - self._near_miss_term(tokens, prompts, unique, pixels)
+        if self.near_misses and self.near_miss_weight:
+            rewards = rewards - self.near_miss_weight * self._near_miss_term(tokens, prompts, unique, pixels)
         return rewards
 
     def _near_miss_term(self, tokens: Tensor, prompts: list[str], unique: list[str], pixels: Tensor | None) -> Tensor:
