@@ -53,7 +53,8 @@ def _fit(tmp_path: Path, *extra: str, recipe: str = "t2i", overlays: tuple[str, 
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+           # the tree under test, installed or not
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     # a session of its own: a callback may kill the whole fit (both ranks) as a lost node would
     result = subprocess.run([sys.executable, "-m", "dualfw.cli", *args], capture_output=True, text=True, cwd=tmp_path,
                             env=env, timeout=240, start_new_session=True)
