@@ -169,8 +169,9 @@ class DualScorer(L.LightningModule):
 
     def _image_rewards(self, tokens: Tensor, prompts: list[str]) -> Tensor:
         unique = sorted(set(prompts))
+        near_misses = bool(self.near_misses) and self.near_miss_weight > 0
         pixels = None
-        if (self.batch_contrast or self.near_misses) and self.model.reads_pixels:
+        if (self.batch_contrast or near_misses) and self.model.reads_pixels:
             # decoded once (in scoring-sized chunks), read with every prompt
             pixels = torch.cat([self.model.decode_images(tokens[part]) for part in self._chunks(len(tokens))])
         if self.batch_contrast:
@@ -186,12 +187,11 @@ class DualScorer(L.LightningModule):
         else:
             rewards = self.prompt_loglik(tokens, prompts)
         if self.contrastive:
-            unique = sorted(set(prompts))
             baseline = dict(zip(unique, self.prompt_loglik(None, unique).tolist()))
             rewards = rewards - torch.tensor([baseline[p] for p in prompts], device=rewards.device)
         if self.batch_contrast:
             rewards = rewards - self.batch_contrast * _log_mean_exp(others, "prompts", len(unique))
-        if self.near_misses and self.near_miss_weight:
+        if near_misses:
             rewards = rewards - self.near_miss_weight * self._near_miss_term(tokens, prompts, unique, pixels)
         return rewards
 
