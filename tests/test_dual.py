@@ -176,6 +176,13 @@ def test_ipo_and_grpo_against_hand_computed_values():
     flat = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.01, 4.99]])
     assert group_advantages(flat)[1].abs().max() == pytest.approx(1.0, abs=1e-3)
     assert group_advantages(flat, "batch")[1].abs().max() < 0.02 * group_advantages(flat, "batch")[0].abs().max()
+    # extremes: only the best and the worst sample, +-half the span around the midrange
+    assert group_advantages(rewards, "none", extremes=True).tolist() == [[-1.0, 0.0, 1.0], [-1.5, 0.0, 1.5]]
+    assert torch.allclose(group_advantages(rewards, extremes=True), torch.tensor([[-1.0, 0.0, 1.0]] * 2), atol=1e-5)
+    half_rms = math.sqrt((1.0 + 1.5**2) / 2)
+    assert torch.allclose(group_advantages(rewards, "batch", extremes=True),
+                          group_advantages(rewards, "none", extremes=True) / half_rms, atol=1e-5)
+    assert group_advantages(torch.full((1, 4), 2.0), "batch", extremes=True).abs().max() == 0  # nothing to tell apart
     with pytest.raises(ConfigError, match="scale"):
         GRPO(scale="std")
     # on-policy: ratio 1, so the loss is -A (+ KL); with ref = logp the k3 KL is 0

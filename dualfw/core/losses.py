@@ -52,7 +52,9 @@ def ipo_loss(
 AdvantageScale = Literal["group", "batch", "none"]
 
 
-def group_advantages(rewards: Tensor, scale: AdvantageScale = "group", eps: float = 1e-6) -> Tensor:
+def group_advantages(
+    rewards: Tensor, scale: AdvantageScale = "group", eps: float = 1e-6, extremes: bool = False
+) -> Tensor:
     """GRPO advantages for groups (rows) of K samples: rewards centred within each group, then scaled.
 
         "group": A_i = (r_i - mean(r)) / (std(r) + eps)          each group's own std (GRPO)
@@ -61,7 +63,21 @@ def group_advantages(rewards: Tensor, scale: AdvantageScale = "group", eps: floa
 
     With "group" a group whose rewards barely differ (a reward that cannot tell its samples apart)
     gets advantages as large as one the reward separates clearly; "batch" and "none" keep them small.
+
+    `extremes`: only each group's best and worst sample get an advantage, +-(max(r) - min(r)) / 2
+    (centred on the midrange), every other sample 0; "group" then divides by that half-span (+-1),
+    "batch" by its rms over the step. The GRPO counterpart of best-vs-worst pairs: the order of the
+    middle samples, where a weak reward is least reliable, is not learned.
     """
+    if extremes:
+        top, bottom = rewards.max(-1, keepdim=True), rewards.min(-1, keepdim=True)
+        half = (top.values - bottom.values) / 2
+        centred = torch.zeros_like(rewards).scatter(-1, bottom.indices, -half).scatter(-1, top.indices, half)
+        if scale == "group":
+            return centred / (half + eps)
+        if scale == "batch":
+            return centred / (half.square().mean().sqrt() + eps)
+        return centred
     centred = rewards - rewards.mean(-1, keepdim=True)
     if scale == "group":
         return centred / (rewards.std(-1, keepdim=True) + eps)
@@ -218,14 +234,17 @@ class GRPO(PreferenceLoss):
         kl_beta: weight of the KL to the Reference (0 drops the Reference).
         scale: what divides the group-centred rewards (`group_advantages`): "group" (each group's
             std, GRPO), "batch" (one scale for the step's groups on this rank) or "none" (Dr. GRPO).
+        extremes: advantages for each group's best and worst sample only (`group_advantages`).
     """
 
     over_groups = True
 
-    def __init__(self, clip: float = 0.2, kl_beta: float = 0.04, scale: AdvantageScale = "group") -> None:
+    def __init__(
+        self, clip: float = 0.2, kl_beta: float = 0.04, scale: AdvantageScale = "group", extremes: bool = False
+    ) -> None:
         if scale not in ("group", "batch", "none"):
             raise ConfigError(f"loss.init_args.scale must be 'group', 'batch' or 'none', got {scale!r}")
-        self.clip, self.kl_beta, self.scale = clip, kl_beta, scale
+        self.clip, self.kl_beta, self.scale, self.extremes = clip, kl_beta, scale, extremes
         self.needs_reference = kl_beta > 0
 
     def group_loss(
@@ -234,4 +253,4 @@ class GRPO(PreferenceLoss):
         """Per-sample losses for per-token-mean log-probs and rewards, all (B, K); `old_logps` those
         of the model that drew the samples when it is not the policy itself."""
         old = logps.detach() if old_logps is None else old_logps
-        return grpo_loss(logps, old, group_advantages(rewards, self.scale), ref_logps, self.clip, self.kl_beta)
+        return grpo_loss(logps, old, group_advantages(rewards, self.scale, extremes=self.extremes), ref_logps, self.clip, self.kl_beta)
