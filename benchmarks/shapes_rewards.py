@@ -21,6 +21,11 @@ colour, shape, number or relation away, or with two such words swapped). The per
 oracle best-of-K are printed first; per tag, each reward's AUC and its within-prompt spread (the
 mean std of a prompt's K rewards: what GRPO's per-group normalisation divides by).
 
+Then what GRPO's first step pulls toward (`pulls`): with the advantages of `GRPO(scale="batch")`
+over all K samples or over each group's best and worst only (`extremes`), the advantage-weighted
+mean of the strict judge and of the object count, per unit of |A|: > 0 on objects, the update's
+first-order direction adds clutter.
+
 Last, whether the generator listens to colour words at all (`color_conditioning`): rendered
 ground-truth scenes of each colors prompt ("a photo of a red circle"), scored by the CFG-2
 log-likelihood of their tokens under the six prompts that differ only in the colour.
@@ -38,6 +43,7 @@ import numpy as np
 import torch
 
 from dualfw.core.interface import ImageSampling
+from dualfw.core.losses import group_advantages
 from dualfw.adapters.janus import JanusAdapter
 from dualfw.training.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
@@ -134,6 +140,14 @@ def report(name: str, reward: np.ndarray, d: dict) -> str:
     )
 
 
+def pulls(reward: np.ndarray, d: dict, extremes: bool) -> tuple[float, float]:
+    """Advantage-weighted strict accuracy and object count, sum(A * x) / sum(|A|), with GRPO's
+    batch-scaled advantages: the direction of a first GRPO step on these samples."""
+    adv = group_advantages(torch.from_numpy(reward).double(), "batch", extremes=extremes).numpy()
+    weight = np.abs(adv).sum()
+    return float((adv * d["strict"]).sum() / weight), float((adv * d["objects"]).sum() / weight)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dualfw:assets/shapes_base")
@@ -164,6 +178,11 @@ def main() -> None:
     print(report("R_G - R_G(one other prompt)", own - d["R"][..., 1], d))
     near = d["near"]
     print(report("R_G vs the prompt's near misses", near, d))
+    print("\nGRPO's pull (advantage-weighted strict accuracy / objects per unit |A|): all K samples | best and worst only")
+    oracle = d["strict"].astype(float) + 1e-3 * np.random.default_rng(args.seed).random(d["strict"].shape)  # ties broken at random
+    for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near), ("the detector (strict)", oracle)):
+        (s_all, o_all), (s_ext, o_ext) = pulls(r, d, False), pulls(r, d, True)
+        print(f"  {name:22s} {s_all:+.3f} / {o_all:+.3f} | {s_ext:+.3f} / {o_ext:+.3f}")
     print("\nper tag (strict judge): best-vs-worst pairs right / wrong / objects chosen - rejected; AUC; within-prompt spread")
     for tag in TAGS:
         mask = d["tag"] == tag
