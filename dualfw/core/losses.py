@@ -73,16 +73,14 @@ def group_advantages(
         top, bottom = rewards.max(-1, keepdim=True), rewards.min(-1, keepdim=True)
         half = (top.values - bottom.values) / 2
         centred = torch.zeros_like(rewards).scatter(-1, bottom.indices, -half).scatter(-1, top.indices, half)
-        if scale == "group":
-            return centred / (half + eps)
-        if scale == "batch":
-            return centred / (half.square().mean().sqrt() + eps)
-        return centred
-    centred = rewards - rewards.mean(-1, keepdim=True)
+        group_scale, batch_scale = half, half.square().mean().sqrt()
+    else:
+        centred = rewards - rewards.mean(-1, keepdim=True)
+        group_scale, batch_scale = rewards.std(-1, keepdim=True), centred.square().mean().sqrt()
     if scale == "group":
-        return centred / (rewards.std(-1, keepdim=True) + eps)
+        return centred / (group_scale + eps)
     if scale == "batch":
-        return centred / (centred.square().mean().sqrt() + eps)
+        return centred / (batch_scale + eps)
     return centred
 
 
@@ -253,4 +251,5 @@ class GRPO(PreferenceLoss):
         """Per-sample losses for per-token-mean log-probs and rewards, all (B, K); `old_logps` those
         of the model that drew the samples when it is not the policy itself."""
         old = logps.detach() if old_logps is None else old_logps
-        return grpo_loss(logps, old, group_advantages(rewards, self.scale, extremes=self.extremes), ref_logps, self.clip, self.kl_beta)
+        advantages = group_advantages(rewards, self.scale, extremes=self.extremes)
+        return grpo_loss(logps, old, advantages, ref_logps, self.clip, self.kl_beta)
