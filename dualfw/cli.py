@@ -138,7 +138,7 @@ def check_config(config: Namespace, subcommand: str | None) -> None:
         if data.get("from_predictions"):
             read_predictions(data["from_predictions"])
         elif "t2i" in needs and data.get("prompts"):
-            read_prompts(data["prompts"], key="data.init_args.prompts")
+            read_prompts(data["prompts"], key="data.init_args.prompts", balance_by=data.get("balance_by"))
         if "i2t" in needs and data.get("images"):
             list_images(data["images"], key="data.init_args.images")
     policy = _init_args(model_node)

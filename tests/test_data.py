@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -44,6 +45,32 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, content, message):
 def test_missing_prompt_file_names_path_and_key(tmp_path):
     with pytest.raises(MissingFileError, match="data.prompts"):
         read_prompts(tmp_path / "nope.txt")
+
+
+def test_balance_by_a_field_repeats_each_value_up_to_the_largest(tmp_path):
+    f = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"{tag} {i}", "tag": tag} for tag, n in (("a", 5), ("b", 2), ("c", 1)) for i in range(n)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_prompts(f, balance_by="tag")
+    assert Counter(r["tag"] for r in records) == {"a": 5, "b": 5, "c": 5}
+    assert {r["prompt"] for r in records} == {r["prompt"] for r in rows}  # every prompt kept
+    assert Counter(r["prompt"] for r in records if r["tag"] == "b") == {"b 0": 3, "b 1": 2}  # in turn
+    assert read_prompts(f) == rows  # unbalanced: the file as it is
+
+
+def test_balance_by_names_the_line_without_the_field_and_rejects_plain_text(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "tag": "x"}\n\n{"prompt": "b"}\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{f}:3: no 'tag' field") + ".*data.init_args.balance_by"):
+        read_prompts(f, key="data.init_args.prompts", balance_by="tag")
+    plain = tmp_path / "p.txt"
+    plain.write_text("a red circle\n")
+    with pytest.raises(ConfigError, match="plain-text prompts have no 'tag' field.*data.balance_by"):
+        read_prompts(plain, balance_by="tag")
+    from dualfw.training.datamodule import SelfRewardDataModule
+
+    with pytest.raises(ConfigError, match="data.balance_by applies to data.prompts"):
+        SelfRewardDataModule(from_predictions=str(tmp_path), balance_by="tag")
 
 
 def test_packaged_prompt_file_resolves():

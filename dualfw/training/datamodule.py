@@ -231,6 +231,9 @@ class SelfRewardDataModule(L.LightningDataModule):
     Args:
         prompts: prompt file for text-to-image: JSON lines with a "prompt" field (GenEval metadata
             works as is) or plain text, one prompt a line; "dualfw:..." names a packaged file.
+        balance_by: a metadata field of the prompt records (e.g. "tag"): each of its values is
+            sampled equally often (GenEval scores the mean over tags; its generator's prompts are
+            mostly color_attr); None samples the file's lines as they come.
         from_predictions: instead of `prompts` and sampling: a `dualfw predict` folder written with
             keep all or pairs (a self-filtered preference set, conf/t2i_offline.yaml). Its prompts
             are the inputs and their recorded candidates (image tokens) and rewards the samples,
@@ -263,6 +266,7 @@ class SelfRewardDataModule(L.LightningDataModule):
     def __init__(
         self,
         prompts: str | None = None,
+        balance_by: str | None = None,
         from_predictions: str | None = None,
         images: str | None = None,
         schedule: Schedule = "t2i",
@@ -302,6 +306,8 @@ class SelfRewardDataModule(L.LightningDataModule):
             if prompts is not None:
                 raise ConfigError("data.prompts and data.from_predictions both give prompts: set data.prompts null "
                                   "(the folder holds its own)")
+            if balance_by is not None:
+                raise ConfigError("data.balance_by applies to data.prompts, not to data.from_predictions: set it null")
         elif "t2i" in needs and prompts is None:
             raise ConfigError(f"data.prompts is required for schedule {schedule!r}")
         if "i2t" in needs and images is None:
@@ -318,7 +324,7 @@ class SelfRewardDataModule(L.LightningDataModule):
         if self.predictions is not None:
             self.records: list[dict] = self.predictions.records
         else:
-            self.records = read_prompts(prompts) if "t2i" in needs else []
+            self.records = read_prompts(prompts, balance_by=balance_by) if "t2i" in needs else []
         self.image_files: list[Path] = list_images(images) if "i2t" in needs else []
         self.skipped_images: set[Path] = set()
         self._writer: RolloutWriter | None = None
