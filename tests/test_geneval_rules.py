@@ -14,6 +14,7 @@ from dualfw.eval.stats import bootstrap_interval
 from dualfw.eval.geneval import (
     COCO_CLASSES,
     ImageResult,
+    common_failures,
     MetadataError,
     evaluate_folder,
     export_geneval_folder,
@@ -274,6 +275,24 @@ def test_summary_overall_is_mean_of_tag_accuracies_not_of_images():
     assert s.num_prompts == 4 and s.prompt_accuracy == pytest.approx(2 / 4)  # s1, c1
     assert s.mean_objects == pytest.approx((8 + 6) / 10)
     assert s.per_tag_counts["counting"] == (1, 4)
+
+
+def test_common_failures_count_each_reason_line_once_per_image_by_tag():
+    def failed(tag, reason):
+        return ImageResult(tag, "p", not reason, reason, [not reason], 1, {})
+
+    rows = (
+        [failed("two_object", "expected circle>=1, found 0")] * 3
+        + [failed("two_object", "expected square>=1, found 0\nexpected circle>=1, found 0")]
+        + [failed("two_object", "strict: unexpected triangle x1\nstrict: unexpected triangle x1")]  # once
+        + [failed("two_object", "")] * 4  # correct: no reason
+        + [failed("colors", "expected blue circle, found red")] * 2
+    )
+    out = common_failures(rows, most=2)
+    assert list(out) == ["two_object", "colors"]  # TAGS order
+    assert out["two_object"] == [("expected circle>=1, found 0", 4), ("expected square>=1, found 0", 1)]
+    assert common_failures(rows)["two_object"][2] == ("strict: unexpected triangle x1", 1)
+    assert out["colors"] == [("expected blue circle, found red", 2)]
 
 
 def test_confidence_interval_brackets_the_score_and_narrows_with_more_prompts():

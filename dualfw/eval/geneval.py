@@ -506,6 +506,16 @@ def summarize(results: Sequence[ImageResult]) -> GenEvalSummary:
     )
 
 
+def common_failures(results: Sequence[ImageResult], most: int = 5) -> dict[str, list[tuple[str, int]]]:
+    """Per tag, the `most` most frequent failure lines (each line of an image's `reason` once) with
+    their image counts, most frequent first: what the failing images of a tag get wrong."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for tag in _tag_order(r.tag for r in results):
+        lines = Counter(line for r in results if r.tag == tag for line in dict.fromkeys(r.reason.splitlines()))
+        out[tag] = lines.most_common(most)
+    return out
+
+
 def overall_confidence_interval(
     results: Sequence[ImageResult], level: float = 0.95, n_boot: int = 2000, seed: int = 0,
     resample: str = "prompts",

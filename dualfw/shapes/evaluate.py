@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dualfw.core.interface import ImageSampling
-from dualfw.eval.geneval import ImageResult, parse_metadata
+from dualfw.eval.geneval import ImageResult, common_failures, parse_metadata
 from dualfw.core.pixels import to_pixels, to_uint8
 from dualfw.eval.pope import PopeQuestion
 from dualfw.eval.runners import (
@@ -52,6 +52,7 @@ def _summary(results: list[ImageResult]) -> dict[str, Any]:
         "per_tag_ci95": scores.per_tag_ci95,
         "mean_objects": s.mean_objects,
         "num_images": s.num_images,
+        "failures": common_failures(results),
     }
 
 
