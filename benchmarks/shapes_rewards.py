@@ -17,7 +17,9 @@ negatives + 1 prompts holds). Per reward it prints:
 Rewards: R_G (the paper); R_G relative to the other prompts (`DualScorer(batch_contrast=True)`,
 the log-mean-exp over them); R_G minus a single other prompt's R_G; R_G relative to the prompt's
 near misses (`DualScorer(near_misses=...)` with the world's words, all of them: every prompt one
-colour, shape, number or relation away, or with two such words swapped). The per-sample base accuracy and the
+colour, shape, number or relation away, or with two such words swapped); and the model's own yes/no
+answers as a checklist (`checklist_rewards`: "Is there a red circle in the image?" for each object
+the prompt names, and also "no" for each shape it does not name). The per-sample base accuracy and the
 oracle best-of-K are printed first; per tag, each reward's AUC and its within-prompt spread (the
 mean std of a prompt's K rewards: what GRPO's per-group normalisation divides by).
 
@@ -49,14 +51,42 @@ from dualfw.training.scorer import DualScorer
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.core.pixels import to_uint8
 from dualfw.eval.runners import judge_images, within_group_auc
-from dualfw.shapes.text import TAGS, enumerate_geneval_prompts, near_miss_words
+from dualfw.shapes.text import TAGS, enumerate_geneval_prompts, near_miss_words, pope_question_text
 from dualfw.shapes.world import WorldConfig
+
+
+def checklist_rewards(adapter, pixels: torch.Tensor, rows: list[dict], shapes) -> tuple[np.ndarray, np.ndarray]:
+    """The model's yes/no answers about its own images as a reward: per image, the sum over the
+    prompt's objects of log p(Yes) / (p(Yes) + p(No)) to "Is there a <colour> <shape> in the image?";
+    and that plus log p(No) / (p(Yes) + p(No)) to "Is there a <shape> ...?" for each shape the prompt
+    does not name (what the strict judge fails as stray objects)."""
+    items = []  # (image, question, the answer the prompt asks for)
+    for i, r in enumerate(rows):
+        named = {c["class"] for c in r["include"]}
+        items += [(i, pope_question_text((c.get("color", ""), c["class"])), True) for c in r["include"]]
+        items += [(i, pope_question_text(("", s)), False) for s in shapes if s not in named]
+    by_question = defaultdict(list)
+    for j, (_, question, _) in enumerate(items):
+        by_question[question].append(j)
+    asked, unasked = np.zeros(len(rows)), np.zeros(len(rows))
+    for question, js in by_question.items():
+        images = pixels[[items[j][0] for j in js]]
+        yes = adapter.text_logprobs(images, ["Yes"] * len(js), question)[0].sum(-1)
+        no = adapter.text_logprobs(images, ["No"] * len(js), question)[0].sum(-1)
+        norm = torch.logaddexp(yes, no)
+        for j, y, n, z in zip(js, yes.tolist(), no.tolist(), norm.tolist()):
+            image, _, want_yes = items[j]
+            if want_yes:
+                asked[image] += y - z
+            else:
+                unasked[image] += n - z
+    return asked, asked + unasked
 
 
 def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int):
     """Sample and judge; returns per (prompt slot, sample): R_G for own prompt + negatives, R_G
-    relative to the prompt's near misses, judged lenient / strict correctness, objects, and the
-    slot's tag."""
+    relative to the prompt's near misses, the yes/no checklists, judged lenient / strict
+    correctness, objects, and the slot's tag."""
     world = WorldConfig(resolution=adapter.image_size)
     detector, records = ShapesDetector(world), enumerate_geneval_prompts(world)
     every = [r["prompt"] for r in records]
@@ -80,6 +110,9 @@ def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int)
             scores = torch.stack([scorer.prompt_loglik(flat, [c[j] for c in columns], pixels) for j in range(negatives + 1)], 1)
             out["R"].append(scores.float().cpu().numpy().reshape(len(chunk), k, negatives + 1))
             out["near"].append(near.image_rewards(flat, [r["prompt"] for r in rows]).float().cpu().numpy().reshape(len(chunk), k))
+            asked, with_absent = checklist_rewards(adapter, pixels, rows, world.shapes)
+            out["asked"].append(asked.reshape(len(chunk), k))
+            out["checklist"].append(with_absent.reshape(len(chunk), k))
             out["ok"].append(np.array([x.correct for x in lenient]).reshape(-1, k))
             out["strict"].append(np.array([x.correct for x in strict]).reshape(-1, k))
             out["objects"].append(np.array([x.num_objects for x in lenient]).reshape(-1, k))
@@ -178,9 +211,12 @@ def main() -> None:
     print(report("R_G - R_G(one other prompt)", own - d["R"][..., 1], d))
     near = d["near"]
     print(report("R_G vs the prompt's near misses", near, d))
+    print(report("yes/no: the prompt's objects", d["asked"], d))
+    print(report("yes/no: the prompt's objects, no other shape", d["checklist"], d))
     print("\nGRPO's pull (advantage-weighted strict accuracy / objects per unit |A|): all K samples | best and worst only")
     oracle = d["strict"].astype(float) + 1e-3 * np.random.default_rng(args.seed).random(d["strict"].shape)  # ties broken at random
-    for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near), ("the detector (strict)", oracle)):
+    for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near), ("yes/no checklist", d["checklist"]),
+                    ("the detector (strict)", oracle)):
         (s_all, o_all), (s_ext, o_ext) = pulls(r, d, False), pulls(r, d, True)
         print(f"  {name:22s} {s_all:+.3f} / {o_all:+.3f} | {s_ext:+.3f} / {o_ext:+.3f}")
     print("\nper tag (strict judge): best-vs-worst pairs right / wrong / objects chosen - rejected; AUC; within-prompt spread")
@@ -189,7 +225,7 @@ def main() -> None:
         sub = {key: value[mask] for key, value in d.items()}
         print(f"  {tag:14s}", "   ".join(
             f"{name} {pair_stats(r[mask], sub)}, {within_group_auc(r[mask], sub['strict']):.2f}, {r[mask].std(1).mean():.3f}"
-            for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near))
+            for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near), ("yes/no checklist", d["checklist"]))
         ))
     gain, top = color_conditioning(adapter, seed=args.seed)
     print(f"colour conditioning of the generator: own colour's prompt {gain:+.3f} nats per image above the "

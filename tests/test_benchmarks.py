@@ -56,3 +56,29 @@ def test_the_device_path_runs_on_the_tiny_shape(bench, capsys):
         assert ms_per_step == pytest.approx(1e3 * seconds / 4, rel=rounding, abs=5e-3)  # 4 image tokens
         assert times_floor == pytest.approx(ms_per_step / floor, rel=5e-3 / ms_per_step + 1e-3)
     assert "speed-up ours / transformers" in out
+
+
+def test_the_yes_no_checklist_sums_each_questions_normalised_answer(tiny_adapter):
+    spec = importlib.util.spec_from_file_location("rewards_benchmark", SCRIPT.parent / "shapes_rewards.py")
+    rewards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rewards)
+    rows = [
+        {"prompt": "a photo of a red circle", "include": [{"class": "circle", "count": 1, "color": "red"}]},
+        {"prompt": "a photo of a circle and a square", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}]},
+    ]
+    shapes = ("circle", "square", "triangle")
+    pixels = torch.rand(2, 3, tiny_adapter.image_size, tiny_adapter.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        asked, checklist = rewards.checklist_rewards(tiny_adapter, pixels, rows, shapes)
+
+        def answer(i, question, want):  # one image, one question at a time
+            lp = [tiny_adapter.text_logprobs(pixels[i : i + 1], [a], question)[0].sum().item() for a in ("Yes", "No")]
+            return torch.log_softmax(torch.tensor(lp), 0)[0 if want else 1].item()
+
+    expected_asked = [answer(0, "Is there a red circle in the image?", True),
+                      answer(1, "Is there a circle in the image?", True) + answer(1, "Is there a square in the image?", True)]
+    absent = [answer(0, "Is there a square in the image?", False) + answer(0, "Is there a triangle in the image?", False),
+              answer(1, "Is there a triangle in the image?", False)]
+    assert asked == pytest.approx(expected_asked, abs=1e-4)
+    assert checklist == pytest.approx([a + b for a, b in zip(expected_asked, absent)], abs=1e-4)
+    assert (asked < 0).all() and (checklist < asked).all()  # log-probabilities: every term below 0
