@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections import Counter
 import re
 import sys
 from pathlib import Path
@@ -111,6 +112,14 @@ def test_dualfw_test_writes_report_official_layout_and_answer_files(tmp_path, ti
     assert (g["image_accuracy"], g["prompt_accuracy"], g["mean_objects"]) == (
         again.image_accuracy, again.prompt_accuracy, again.mean_objects)
     assert len((run / g["results"]).read_text().splitlines()) == 6
+    # failures: each tag's reasons as counted from the per-image results file
+    rows = [json.loads(line) for line in (run / g["results"]).read_text().splitlines()]
+    for tag in g["per_tag"]:
+        counted = Counter(line for r in rows if r["tag"] == tag for line in set(r["reason"].splitlines()))
+        listed = g["failures"][tag]
+        assert all(counted[reason] == n for reason, n in listed)
+        assert [n for _, n in listed] == sorted(counted.values(), reverse=True)[:5]  # the most common, in order
+    assert any(g["failures"].values())  # a tiny random model fails images
 
     # POPE: one answer line per question asked, scored as the answer file rescores
     assert list(report["pope"]["splits"]) == ["random", "popular", "adversarial"]
@@ -124,6 +133,9 @@ def test_dualfw_test_writes_report_official_layout_and_answer_files(tmp_path, ti
 
     md = (run / "report.md").read_text()
     assert "## GenEval" in md and "## POPE" in md and "| **overall** |" in md and report["command"] in md
+    for tag, reasons in g["failures"].items():
+        for reason, n in reasons:
+            assert f"{reason} ({n})" in md
     assert (run / "images" / "geneval_test.png").is_file()
     logged = cli.trainer.callback_metrics
     for key in ("geneval/overall", "geneval/strict/overall", "geneval/mean_objects", "pope/random/f1", "pope/adversarial/yes_ratio"):

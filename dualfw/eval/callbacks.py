@@ -60,6 +60,7 @@ from dualfw.eval.geneval import (
     ImageResult,
     MetadataError,
     MissingColorError,
+    common_failures,
     export_geneval_folder,
     read_metadata,
     summarize,
@@ -177,6 +178,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"{_fmt(g['prompt_accuracy'])}%; mean detected objects per image: {g['mean_objects']:.2f}. "
             "Overall is the mean of the per-tag scores (official rule); strict also fails extra objects.",
         ]
+        failing = {tag: reasons for tag, reasons in g.get("failures", {}).items() if reasons}
+        if failing:
+            lines += ["", "Most common failures (images):"]
+            lines += [f"- {tag}: " + "; ".join(f"{reason} ({n})" for reason, n in reasons) for tag, reasons in failing.items()]
         if g.get("best_of"):
             b = g["best_of"]
             lines += [
@@ -568,6 +573,7 @@ class GenEvalCallback(_EvalCallback):
             "image_accuracy": summary.image_accuracy,
             "prompt_accuracy": summary.prompt_accuracy,
             "mean_objects": summary.mean_objects,
+            "failures": common_failures(official_results),
             "strict": scores(strict),
             "tags": [t for t in TAGS if t in main["per_tag"]],
         }
