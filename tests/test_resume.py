@@ -28,18 +28,23 @@ import lightning as L
 
 
 class Trace(L.Callback):
-    def __init__(self, trace: str, kill_at: int = -1, during_save: bool = False):
-        self.trace, self.kill_at, self.during_save = trace, kill_at, during_save
+    def __init__(self, trace: str, kill_at: int = -1, during_save: bool = False, before_last: bool = False):
+        self.trace, self.kill_at, self.during_save, self.before_last = trace, kill_at, during_save, before_last
+        self.saves = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(self.trace, "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "step": trainer.global_step, "round": list(batch["round"])}) + "\\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.kill_at and not self.during_save:
+        if trainer.global_step == self.kill_at and not (self.during_save or self.before_last):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.global_step == self.kill_at and self.before_last:
+            self.saves += 1
+            if self.saves == 2:  # the step's checkpoint is on disk, last.ckpt not yet updated
+                os.kill(os.getpid(), signal.SIGKILL)
         if trainer.global_step == self.kill_at and self.during_save:
             from fsspec.implementations.local import LocalFileOpener
 
@@ -53,14 +58,17 @@ class Trace(L.Callback):
 '''
 
 
-def _overlay(tmp_path: Path, name: str, trace: Path, kill_at: int = -1, during_save: bool = False) -> Path:
+def _overlay(tmp_path: Path, name: str, trace: Path, kill_at: int = -1, during_save: bool = False,
+             before_last: bool = False) -> Path:
     overlay = tmp_path / f"{name}.yaml"
-    overlay.write_text(
+    overlay.write_text(  # conf/t2i.yaml's checkpointing, every 2 steps
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        "      init_args: {save_last: true, every_n_train_steps: 2, monitor: step, mode: max, save_top_k: 2}\n"
+        "      init_args: {save_last: true, every_n_train_steps: 2, monitor: step, mode: max, save_top_k: 2,\n"
+        "                  enable_version_counter: false}\n"
         "    - class_path: killer.Trace\n"
-        f"      init_args: {{trace: '{trace}', kill_at: {kill_at}, during_save: {str(during_save).lower()}}}\n"
+        f"      init_args: {{trace: '{trace}', kill_at: {kill_at}, during_save: {str(during_save).lower()}, "
+        f"before_last: {str(before_last).lower()}}}\n"
     )
     return overlay
 
@@ -147,6 +155,27 @@ def test_killed_and_resumed_fit_matches_an_uninterrupted_run(tmp_path, tiny_fold
     assert sorted({r["round"] for r in b_rollouts}) == list(range(len({r["round"] for r in b_rollouts})))
     # retention: the newest two step checkpoints and last.ckpt
     assert len([p for p in checkpoints.glob("*.ckpt") if p.name != "last.ckpt"]) <= 2
+
+
+def test_a_step_checkpoint_saved_again_after_a_resume_replaces_the_killed_runs_copy(tmp_path, tiny_folder):
+    # killed after step 4's checkpoint reached the disk but before last.ckpt did: the resumed run
+    # starts from step 2 and saves step 4 again, under the same name, not beside it as a "-v1" copy
+    import yaml
+
+    for conf in ROOT.glob("conf/**/*.yaml"):  # the overlay's setting is every shipped recipe's
+        for callback in (yaml.safe_load(conf.read_text()).get("trainer") or {}).get("callbacks") or []:
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                assert callback["init_args"]["enable_version_counter"] is False, conf
+    run = tmp_path / "r" / "t2i" / "run"
+    trace = tmp_path / "r.trace"
+    code, out = _fit(tmp_path, tmp_path / "r", tiny_folder, _overlay(tmp_path, "r1", trace, kill_at=4, before_last=True))
+    assert code == -signal.SIGKILL, out[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert len(list((run / "checkpoints").glob("*step=4*.ckpt"))) == 1
+    code, out = _fit(tmp_path, tmp_path / "r", tiny_folder, _overlay(tmp_path, "r2", trace), "--ckpt_path=last")
+    assert code == 0, out[-3000:]
+    steps = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    assert steps == ["epoch=1-step=6.ckpt", "epoch=2-step=8.ckpt"], steps  # the newest two, no copies
 
 
 def test_torn_last_line_is_reported_and_cut(tmp_path):
