@@ -2,9 +2,9 @@
 
 import csv
 import json
-from collections import Counter
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import lightning as L

@@ -14,8 +14,8 @@ from dualfw.eval.stats import bootstrap_interval
 from dualfw.eval.geneval import (
     COCO_CLASSES,
     ImageResult,
-    common_failures,
     MetadataError,
+    common_failures,
     evaluate_folder,
     export_geneval_folder,
     generate_prompts,
