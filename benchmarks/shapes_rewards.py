@@ -19,7 +19,9 @@ the log-mean-exp over them); R_G minus a single other prompt's R_G; R_G relative
 near misses (`DualScorer(near_misses=...)` with the world's words, all of them: every prompt one
 colour, shape, number or relation away, or with two such words swapped); and the model's own yes/no
 answers as a checklist (`checklist_rewards`: "Is there a red circle in the image?" for each object
-the prompt names, and also "no" for each shape it does not name). The per-sample base accuracy and the
+the prompt names, and also "no" for each shape it does not name); the drawer's own likelihood of the
+sample under its prompt against the near misses (`drawer_rewards`: the generator as a classifier);
+and R_G averaged over the image's mirror images (`mirror_rewards`). The per-sample base accuracy and the
 oracle best-of-K are printed first; per tag, each reward's AUC and its within-prompt spread (the
 mean std of a prompt's K rewards: what GRPO's per-group normalisation divides by).
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import time
 from collections import defaultdict
 
@@ -47,7 +50,7 @@ import torch
 from dualfw.core.interface import ImageSampling
 from dualfw.core.losses import group_advantages
 from dualfw.adapters.janus import JanusAdapter
-from dualfw.training.scorer import DualScorer
+from dualfw.training.scorer import DualScorer, near_miss_prompts
 from dualfw.shapes.detector import ShapesDetector
 from dualfw.core.pixels import to_uint8
 from dualfw.eval.runners import judge_images, within_group_auc
@@ -83,10 +86,46 @@ def checklist_rewards(adapter, pixels: torch.Tensor, rows: list[dict], shapes) -
     return asked, asked + unasked
 
 
+@torch.no_grad()
+def drawer_rewards(adapter, tokens: torch.Tensor, prompts: list[str], groups: list[list[str]]) -> np.ndarray:
+    """The drawer as a classifier of its own samples: per image, log pi(tokens | prompt) minus the
+    log-mean-exp over the prompt's near misses of log pi(tokens | near miss), without CFG, summed over
+    the image's tokens (0 for a prompt without near misses)."""
+    misses = [near_miss_prompts(p, groups) for p in prompts]
+    rows = [i for i, m in enumerate(misses) for _ in range(1 + len(m))]
+    texts = [t for p, m in zip(prompts, misses) for t in (p, *m)]
+    logps = torch.cat([adapter.image_logprobs(texts[s : s + 64], tokens[rows[s : s + 64]]).sum(-1) for s in range(0, len(texts), 64)])
+    out = []
+    for scores in logps.split([1 + len(m) for m in misses]):
+        own, others = scores[0], scores[1:]
+        out.append((own - others.logsumexp(0) + math.log(len(others))).item() if len(others) else 0.0)
+    return np.array(out)
+
+
+MIRRORED = {-1: {"left of": "right of", "right of": "left of"}, -2: {"above": "below", "below": "above"}}
+
+
+def mirrored_prompt(prompt: str, dims: tuple[int, ...]) -> str:
+    """The prompt of the image flipped along `dims` (-1: left-right, -2: up-down): its relations mirrored."""
+    for dim in dims:
+        swap = MIRRORED[dim]
+        prompt = re.sub("|".join(swap), lambda m: swap[m.group(0)], prompt)
+    return prompt
+
+
+def mirror_rewards(scorer, tokens: torch.Tensor, prompts: list[str], pixels: torch.Tensor) -> np.ndarray:
+    """R_G averaged over the image and its three mirror images (left-right, up-down, both), each
+    read with its prompt's relations mirrored alike: the reader's noise on one view averaged out."""
+    views = ((), (-1,), (-2,), (-1, -2))
+    scores = [scorer.prompt_loglik(tokens, [mirrored_prompt(p, dims) for p in prompts], pixels.flip(dims) if dims else pixels)
+              for dims in views]
+    return torch.stack(scores).mean(0).float().cpu().numpy()
+
+
 def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int):
     """Sample and judge; returns per (prompt slot, sample): R_G for own prompt + negatives, R_G
-    relative to the prompt's near misses, the yes/no checklists, judged lenient / strict
-    correctness, objects, and the slot's tag."""
+    relative to the prompt's near misses, the yes/no checklists, the drawer's and the mirrored
+    rewards, judged lenient / strict correctness, objects, and the slot's tag."""
     world = WorldConfig(resolution=adapter.image_size)
     detector, records = ShapesDetector(world), enumerate_geneval_prompts(world)
     every = [r["prompt"] for r in records]
@@ -113,6 +152,8 @@ def score_matrix(adapter, scorer, slots: int, k: int, negatives: int, seed: int)
             asked, with_absent = checklist_rewards(adapter, pixels, rows, world.shapes)
             out["asked"].append(asked.reshape(len(chunk), k))
             out["checklist"].append(with_absent.reshape(len(chunk), k))
+            out["drawer"].append(drawer_rewards(adapter, flat, [r["prompt"] for r in rows], near.near_misses).reshape(len(chunk), k))
+            out["mirror"].append(mirror_rewards(scorer, flat, [r["prompt"] for r in rows], pixels).reshape(len(chunk), k))
             out["ok"].append(np.array([x.correct for x in lenient]).reshape(-1, k))
             out["strict"].append(np.array([x.correct for x in strict]).reshape(-1, k))
             out["objects"].append(np.array([x.num_objects for x in lenient]).reshape(-1, k))
@@ -213,6 +254,8 @@ def main() -> None:
     print(report("R_G vs the prompt's near misses", near, d))
     print(report("yes/no: the prompt's objects", d["asked"], d))
     print(report("yes/no: the prompt's objects, no other shape", d["checklist"], d))
+    print(report("the drawer's likelihood vs the near misses", d["drawer"], d))
+    print(report("R_G over the image's mirror images", d["mirror"], d))
     print("\nGRPO's pull (advantage-weighted strict accuracy / objects per unit |A|): all K samples | best and worst only")
     oracle = d["strict"].astype(float) + 1e-3 * np.random.default_rng(args.seed).random(d["strict"].shape)  # ties broken at random
     for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near), ("yes/no checklist", d["checklist"]),
@@ -225,7 +268,8 @@ def main() -> None:
         sub = {key: value[mask] for key, value in d.items()}
         print(f"  {tag:14s}", "   ".join(
             f"{name} {pair_stats(r[mask], sub)}, {within_group_auc(r[mask], sub['strict']):.2f}, {r[mask].std(1).mean():.3f}"
-            for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near), ("yes/no checklist", d["checklist"]))
+            for name, r in (("R_G", own), ("batch_contrast", contrast), ("near misses", near), ("yes/no checklist", d["checklist"]),
+                            ("drawer", d["drawer"]), ("mirrored", d["mirror"]))
         ))
     gain, top = color_conditioning(adapter, seed=args.seed)
     print(f"colour conditioning of the generator: own colour's prompt {gain:+.3f} nats per image above the "

@@ -58,10 +58,15 @@ def test_the_device_path_runs_on_the_tiny_shape(bench, capsys):
     assert "speed-up ours / transformers" in out
 
 
-def test_the_yes_no_checklist_sums_each_questions_normalised_answer(tiny_adapter):
+@pytest.fixture(scope="module")
+def rewards():
     spec = importlib.util.spec_from_file_location("rewards_benchmark", SCRIPT.parent / "shapes_rewards.py")
-    rewards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rewards)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_yes_no_checklist_sums_each_questions_normalised_answer(tiny_adapter, rewards):
     rows = [
         {"prompt": "a photo of a red circle", "include": [{"class": "circle", "count": 1, "color": "red"}]},
         {"prompt": "a photo of a circle and a square", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}]},
@@ -82,3 +87,43 @@ def test_the_yes_no_checklist_sums_each_questions_normalised_answer(tiny_adapter
     assert asked == pytest.approx(expected_asked, abs=1e-4)
     assert checklist == pytest.approx([a + b for a, b in zip(expected_asked, absent)], abs=1e-4)
     assert (asked < 0).all() and (checklist < asked).all()  # log-probabilities: every term below 0
+
+
+def test_the_drawers_reward_is_its_prompts_likelihood_against_the_near_misses(tiny_adapter, rewards):
+    import math
+
+    groups = [["red", "blue", "green"], ["circle", "square"]]
+    prompts = ["a photo of a red circle", "a photo of a square", "a photo"]  # 3 near misses, 1, none
+    tokens = torch.randint(0, tiny_adapter.model.config.vq_config.num_embeddings, (3, tiny_adapter.num_image_tokens),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = rewards.drawer_rewards(tiny_adapter, tokens, prompts, groups)
+
+        def loglik(i, text):  # one image, one prompt at a time
+            return tiny_adapter.image_logprobs([text], tokens[i : i + 1]).sum().item()
+
+    misses = [["a photo of a blue circle", "a photo of a green circle", "a photo of a red square"], ["a photo of a circle"]]
+    expected = [loglik(i, prompts[i]) - math.log(sum(math.exp(loglik(i, m)) for m in ms) / len(ms)) for i, ms in enumerate(misses)]
+    assert got[:2] == pytest.approx(expected, abs=1e-4)
+    assert got[2] == 0.0
+
+
+def test_mirrored_rewards_are_the_same_for_a_mirrored_image_and_prompt(tiny_adapter, rewards):
+    from dualfw.training.scorer import DualScorer
+
+    assert rewards.mirrored_prompt("a circle left of a square", (-1,)) == "a circle right of a square"
+    assert rewards.mirrored_prompt("a circle left of a square", (-2,)) == "a circle left of a square"
+    assert rewards.mirrored_prompt("a circle below a red square", (-1, -2)) == "a circle above a red square"
+    scorer = DualScorer()
+    scorer.attach(tiny_adapter)
+    prompts = ["a photo of a circle left of a square", "a photo of a triangle above a circle"]
+    size = tiny_adapter.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    tokens = torch.zeros(2, tiny_adapter.num_image_tokens, dtype=torch.long)  # unused: the pixels are read
+    with torch.no_grad():
+        plain = scorer.prompt_loglik(tokens, prompts, pixels).numpy()
+        averaged = rewards.mirror_rewards(scorer, tokens, prompts, pixels)
+        for dims in ((-1,), (-2,), (-1, -2)):  # the four views are the same four, in another order
+            mirrored = rewards.mirror_rewards(scorer, tokens, [rewards.mirrored_prompt(p, dims) for p in prompts], pixels.flip(dims))
+            assert mirrored == pytest.approx(averaged, abs=1e-5)
+    assert abs(averaged - plain).max() > 1e-4  # the mirror images are read, not the one view four times
