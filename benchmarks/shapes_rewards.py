@@ -91,10 +91,11 @@ def drawer_rewards(adapter, tokens: torch.Tensor, prompts: list[str], groups: li
     """The drawer as a classifier of its own samples: per image, log pi(tokens | prompt) minus the
     log-mean-exp over the prompt's near misses of log pi(tokens | near miss), without CFG, summed over
     the image's tokens (0 for a prompt without near misses)."""
+    summed = DualScorer(i2t_reduction="sum")
+    summed.attach(adapter)
     misses = [near_miss_prompts(p, groups) for p in prompts]
     rows = [i for i, m in enumerate(misses) for _ in range(1 + len(m))]
-    texts = [t for p, m in zip(prompts, misses) for t in (p, *m)]
-    logps = torch.cat([adapter.image_logprobs(texts[s : s + 64], tokens[rows[s : s + 64]]).sum(-1) for s in range(0, len(texts), 64)])
+    logps = summed.image_loglik(tokens[rows], [t for p, m in zip(prompts, misses) for t in (p, *m)])
     out = []
     for scores in logps.split([1 + len(m) for m in misses]):
         own, others = scores[0], scores[1:]
